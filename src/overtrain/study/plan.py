@@ -1,0 +1,120 @@
+"""From a study spec to cells: units of work with their configs and dependencies.
+
+Pre-training cells make checkpoints; probe and fine-tune cells read one checkpoint.
+- cosine: one run per budget, annealed to zero at that budget.
+- constant: one run at the peak LR, saved at every budget (and at the points wsd
+  branches leave from, with its optimizer state).
+- wsd: per budget B, a branch that leaves the constant run at (1 - f) * B tokens and
+  decays linearly to zero at B, so decayed and undecayed checkpoints meet at B.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from overtrain.spec import SpecError, StudySpec
+
+
+@dataclass(frozen=True)
+class CheckpointRef:
+    name: str          # folder name under checkpoints/, e.g. "cosine-1000000"
+    schedule: str
+    tokens: int
+    decayed: bool      # ended in a learning-rate decay (cosine or wsd) or not (constant)
+    evaluate: bool = True  # branch points of the constant run are not studied themselves
+
+
+@dataclass(frozen=True)
+class Cell:
+    kind: str                      # "pretrain", "probe" or "finetune"
+    label: str                     # human-readable and unique within a plan
+    config: dict
+    reads: str | None = None       # checkpoint this cell starts from
+    writes: tuple[CheckpointRef, ...] = field(default_factory=tuple)
+
+
+def steps_for(tokens: int, spec: StudySpec) -> int:
+    return tokens // (spec.pretrain.batch_size * spec.pretrain.seq_len)
+
+
+def trained_tokens(budget: int, spec: StudySpec) -> int:
+    """A budget rounded down to whole steps: the tokens a run really sees."""
+    return steps_for(budget, spec) * spec.pretrain.batch_size * spec.pretrain.seq_len
+
+
+def plan_study(spec: StudySpec) -> list[Cell]:
+    """All cells in an order where every cell comes after the checkpoint it reads."""
+    _check_budgets(spec)
+    pretrain = _pretrain_cells(spec)
+    checkpoints = [ref for cell in pretrain for ref in cell.writes if ref.evaluate]
+    cells = list(pretrain)
+    for ref in checkpoints:
+        cells.append(Cell("probe", f"probe {ref.name}", _probe_config(spec, ref), reads=ref.name))
+    if spec.finetune:
+        ft = spec.finetune
+        for ref in checkpoints:
+            for task in ft.tasks:
+                for lr in ft.lrs:
+                    for seed in ft.seeds:
+                        config = {**_checkpoint_context(ref), "task": task, "lr": lr, "seed": seed,
+                                  **ft.model_dump(exclude={"tasks", "lrs", "seeds"}),
+                                  "eval": spec.eval.model_dump()}
+                        cells.append(Cell("finetune", f"finetune {ref.name} {task} lr={lr:g} seed={seed}", config, reads=ref.name))
+    return cells
+
+
+def _pretrain_cells(spec: StudySpec) -> list[Cell]:
+    pre = spec.pretrain
+    common = {"model": spec.model.size().__dict__, "tokenizer": spec.tokenizer.model_dump(), "data": spec.data.model_dump(),
+              "seed": spec.seed, **pre.model_dump(exclude={"budgets", "schedules", "wsd_decay_fraction"})}
+    budgets = [trained_tokens(b, spec) for b in pre.budgets]  # names and tokens are whole steps
+    cells = []
+    if "cosine" in pre.schedules:
+        for budget in budgets:
+            ref = CheckpointRef(f"cosine-{budget}", "cosine", budget, decayed=True)
+            cells.append(Cell("pretrain", f"pretrain cosine {budget:,} tokens",
+                              {**common, "schedule": "cosine", "total_tokens": budget, "save_at": [budget]}, writes=(ref,)))
+    wants_wsd = "wsd" in pre.schedules
+    if "constant" in pre.schedules or wants_wsd:
+        branch_points = sorted({_branch_point(b, spec) for b in budgets}) if wants_wsd else []
+        writes = [CheckpointRef(f"constant-{b}", "constant", b, decayed=False) for b in budgets]
+        writes += [CheckpointRef(f"constant-{t}", "constant", t, decayed=False, evaluate=False)
+                   for t in branch_points if t not in {r.tokens for r in writes}]
+        cells.append(Cell("pretrain", "pretrain constant",
+                          {**common, "schedule": "constant", "total_tokens": budgets[-1],
+                           "save_at": sorted(r.tokens for r in writes), "save_optimizer_at": branch_points},
+                          writes=tuple(sorted(writes, key=lambda r: r.tokens))))
+    if wants_wsd:
+        for budget in budgets:
+            start = _branch_point(budget, spec)
+            ref = CheckpointRef(f"wsd-{budget}", "wsd", budget, decayed=True)
+            cells.append(Cell("pretrain", f"pretrain wsd branch {start:,}->{budget:,} tokens",
+                              {**common, "schedule": "wsd", "total_tokens": budget, "branch_from_tokens": start, "save_at": [budget]},
+                              reads=f"constant-{start}", writes=(ref,)))
+    return cells
+
+
+def _branch_point(budget: int, spec: StudySpec) -> int:
+    """Tokens of the stable run where the decay to `budget` starts, on a step boundary."""
+    return trained_tokens(round(budget * (1 - spec.pretrain.wsd_decay_fraction)), spec)
+
+
+def _probe_config(spec: StudySpec, ref: CheckpointRef) -> dict:
+    return {**_checkpoint_context(ref), "eval": spec.eval.model_dump(),
+            "sensitivity": spec.sensitivity.model_dump() if spec.sensitivity else None}
+
+
+def _checkpoint_context(ref: CheckpointRef) -> dict:
+    return {"checkpoint": ref.name, "schedule": ref.schedule, "tokens": ref.tokens, "decayed": ref.decayed}
+
+
+def _check_budgets(spec: StudySpec) -> None:
+    per_step = spec.pretrain.batch_size * spec.pretrain.seq_len
+    steps = [steps_for(b, spec) for b in spec.pretrain.budgets]
+    if steps[0] < 1:
+        raise SpecError(f"pretrain.budgets: {spec.pretrain.budgets[0]} tokens is less than one step "
+                        f"(batch_size x seq_len = {per_step} tokens)")
+    if len(set(steps)) < len(steps):
+        raise SpecError(f"pretrain.budgets: two budgets round to the same number of steps of {per_step} tokens")
+    if "wsd" in spec.pretrain.schedules and steps_for(spec.pretrain.budgets[0], spec) * spec.pretrain.wsd_decay_fraction < 1:
+        raise SpecError(f"pretrain.wsd_decay_fraction: {spec.pretrain.wsd_decay_fraction} of the first budget is less than one step")
