@@ -8,7 +8,7 @@ impossible values fail here, before any work, as `SpecError` naming the key.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args, get_origin
 
 import re
 
@@ -188,3 +188,53 @@ def _check_files(spec: StudySpec, source: str) -> None:
     for task in spec.finetune.tasks if spec.finetune else []:
         if task.endswith(".jsonl") and not Path(task).expanduser().exists():
             raise SpecError(f"{source}: finetune.tasks: file not found: {task}")
+
+
+def reference_markdown() -> str:
+    """docs/STUDY.md: every key of a study file, its type, default and meaning."""
+    lines = ["# Study file reference", "",
+             "Generated from `overtrain/spec.py` by `overtrain keys`; every key below is all there is: "
+             "an unknown key is an error.", ""]
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        rows, nested = [], []
+        for name, info in model.model_fields.items():
+            inner = _section_type(info.annotation)
+            if inner is not None:
+                nested.append((f"{prefix}{name}", inner, info))
+                continue
+            default = "required" if info.is_required() else f"`{info.get_default(call_default_factory=True)!r}`"
+            rows.append(f"| `{prefix}{name}` | {_type_name(info.annotation)} | {default} | {info.description or ''} |")
+        if rows:
+            lines.extend(["| key | type | default | meaning |", "|---|---|---|---|", *rows, ""])
+        for key, inner, info in nested:
+            optional = " (may be `null` to skip)" if not info.is_required() and info.default_factory and "None" in str(info.annotation) else ""
+            lines.extend([f"## `{key}`{optional}", "", info.description or "", ""])
+            walk(inner, f"{key}.")
+
+    walk(StudySpec, "")
+    return "\n".join(lines)
+
+
+def _section_type(annotation) -> type[BaseModel] | None:
+    candidates = getattr(annotation, "__args__", (annotation,))
+    for candidate in candidates:
+        if isinstance(candidate, type) and issubclass(candidate, Section):
+            return candidate
+    return None
+
+
+def _type_name(annotation) -> str:
+    """A readable type: `positive int`, `list of positive float`, `int or 'bytes'`."""
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Annotated:
+        bounds = {type(m).__name__ for m in annotation.__metadata__}
+        prefix = "positive " if "Gt" in bounds else "non-negative " if "Ge" in bounds else ""
+        return prefix + _type_name(args[0])
+    if origin is list:
+        return f"list of {_type_name(args[0])}"
+    if origin is Literal:
+        return " or ".join(repr(a) for a in args)
+    if args:  # a union
+        return " or ".join(_type_name(a) for a in args).replace("NoneType", "null")
+    return getattr(annotation, "__name__", str(annotation))

@@ -18,7 +18,8 @@ import pandas as pd  # noqa: E402
 
 from overtrain.analysis import tables  # noqa: E402
 
-SCHEDULE_STYLE = {"cosine": ("tab:blue", "-"), "wsd": ("tab:green", "-"), "constant": ("tab:gray", "--")}
+# (color, line style, marker): decayed schedules solid, the undecayed constant run dashed.
+SCHEDULE_STYLE = {"cosine": ("tab:blue", "-", "o"), "wsd": ("tab:green", "-", "s"), "constant": ("tab:gray", "--", "^")}
 SCHEDULE_LABEL = {"cosine": "cosine to zero (decayed)", "wsd": "WSD branch (decayed)", "constant": "constant LR (undecayed)"}
 
 
@@ -98,9 +99,9 @@ def _finetune_section(results: pd.DataFrame, out: Path) -> list[str]:
             colors = plt.cm.viridis([i / max(1, len(lrs) - 1) for i in range(len(lrs))])
             for color, lr in zip(colors, lrs):
                 for schedule, curve in rows[rows["lr"] == lr].groupby("schedule"):
-                    _, style = SCHEDULE_STYLE.get(schedule, ("k", "-"))
+                    _, style, marker = SCHEDULE_STYLE.get(schedule, ("k", "-", "o"))
                     curve = curve.sort_values("tokens")
-                    ax.plot(curve["tokens"], curve["mean"], style, marker="o", ms=3, color=color,
+                    ax.plot(curve["tokens"], curve["mean"], style, marker=marker, ms=4, color=color,
                             label=f"lr {lr:g}, {schedule}")
                     ax.fill_between(curve["tokens"], curve["ci_low"], curve["ci_high"], color=color, alpha=0.15)
             _axes(ax, ylabel, f"{title}: {task}")
@@ -110,9 +111,9 @@ def _finetune_section(results: pd.DataFrame, out: Path) -> list[str]:
 
 
 def _line(ax, x, y, schedule, low=None, high=None) -> None:
-    color, style = SCHEDULE_STYLE.get(schedule, ("k", "-"))
+    color, style, marker = SCHEDULE_STYLE.get(schedule, ("k", "-", "o"))
     order = x.argsort()
-    ax.plot(x.iloc[order], y.iloc[order], style, marker="o", ms=4, color=color, label=SCHEDULE_LABEL.get(schedule, schedule))
+    ax.plot(x.iloc[order], y.iloc[order], style, marker=marker, ms=4, color=color, label=SCHEDULE_LABEL.get(schedule, schedule))
     if low is not None:
         ax.fill_between(x.iloc[order], low.iloc[order], high.iloc[order], color=color, alpha=0.2)
 

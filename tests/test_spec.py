@@ -1,0 +1,47 @@
+"""Bad study files fail before any work: one line naming key or file, exit code 2."""
+
+import pytest
+from typer.testing import CliRunner
+
+from overtrain.cli import app
+
+GOOD = "pretrain:\n  budgets: [4096, 8192]\n  peak_lr: 3e-3\n"
+
+BAD = {
+    "malformed": ("pretrain: [4096, 8192\n", "malformed YAML"),
+    "unknown key": (GOOD + "finetuning:\n  lrs: [1e-4]\n", "finetuning: unknown key"),
+    "nested unknown key": ("pretrain:\n  budgets: [4096]\n  peak_lrs: 1e-3\n", "pretrain.peak_lrs: unknown key"),
+    "wrong type": ("pretrain:\n  budgets: [4096, 8192]\n  batch_size: 'sixteen'\n", "pretrain.batch_size"),
+    "non-increasing budgets": ("pretrain:\n  budgets: [8192, 4096]\n", "pretrain.budgets: must be strictly increasing"),
+    "non-positive lr": (GOOD + "finetune:\n  lrs: [1e-4, 0.0]\n", "finetune.lrs.1: Input should be greater than 0"),
+    "negative peak lr": ("pretrain:\n  budgets: [4096]\n  peak_lr: -1e-3\n", "pretrain.peak_lr"),
+    "missing corpus": (GOOD + "data:\n  corpus: /nonexistent/corpus.jsonl\n", "data.corpus: file not found: /nonexistent/corpus.jsonl"),
+    "missing task file": (GOOD + "finetune:\n  tasks: [/nonexistent/task.jsonl]\n", "finetune.tasks: file not found"),
+    "not a mapping": ("- 1\n- 2\n", "expected a mapping"),
+    "heads do not divide width": (GOOD + "model:\n  d_model: 30\n", "model.d_model=30 is not divisible"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_study_file_fails_with_one_named_line_and_exit_2(case, tmp_path):
+    text, expected = BAD[case]
+    study = tmp_path / "study.yaml"
+    study.write_text(text)
+    result = CliRunner().invoke(app, ["run", str(study), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2, result.output
+    message = result.output.strip()
+    assert message.count("\n") == 0 and expected in message and str(study) in message
+    assert not (tmp_path / "run").exists()  # nothing written
+
+
+def test_missing_study_file(tmp_path):
+    result = CliRunner().invoke(app, ["run", str(tmp_path / "none.yaml")])
+    assert result.exit_code == 2 and "no such study file" in result.output
+
+
+def test_yaml_exponent_floats_are_numbers(tmp_path):
+    from overtrain.spec import load_spec
+
+    (tmp_path / "s.yaml").write_text(GOOD + "finetune:\n  lrs: [1e-4, 2.5E-3]\n")
+    spec = load_spec(tmp_path / "s.yaml")
+    assert spec.pretrain.peak_lr == 3e-3 and spec.finetune.lrs == [1e-4, 2.5e-3]
