@@ -67,6 +67,7 @@ class PretrainSpec(Section):
     seq_len: PositiveInt = Field(128, description="Tokens per sequence.")
     weight_decay: Annotated[float, Field(ge=0)] = Field(0.1, description="AdamW weight decay on matrices.")
     grad_clip: Annotated[float, Field(ge=0)] = Field(1.0, description="Gradient-norm clip; 0 turns it off.")
+    compile: bool = Field(True, description="torch.compile the model for pre-training (faster for runs longer than a few seconds; falls back to eager if compilation fails).")
 
     @field_validator("budgets")
     @classmethod

@@ -27,6 +27,7 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0
     l2_to_start: float = 0.0  # lambda * ||theta - theta_start||^2 added to the loss
+    compile: bool = False  # torch.compile the forward pass: ~1.3x on small models, seconds to compile
 
 
 @dataclass
@@ -77,6 +78,7 @@ def train(
     device = next(model.parameters()).device
     optimizer = optimizer or make_optimizer(model, config)
     anchor = _start_weights(model) if config.l2_to_start > 0 else None
+    forward = compiled(model) if config.compile else model
     result = TrainResult(steps_done=start_step)
     model.train()
     started = time.perf_counter()
@@ -87,7 +89,7 @@ def train(
             group["lr"] = lr
         batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
         with autocast(device):
-            loss = model(**batch, use_cache=False).loss
+            loss = forward(**batch, use_cache=False).loss
         if anchor is not None:
             loss = loss + config.l2_to_start * _squared_distance(model, anchor)
         if not torch.isfinite(loss):
@@ -113,6 +115,14 @@ def train(
     if evaluate is not None and not result.diverged:
         result.evaluations.append({"step": result.steps_done, **_evaluate(model, evaluate)})
     return result
+
+
+def compiled(model: torch.nn.Module) -> torch.nn.Module:
+    """`torch.compile(model)`, running eagerly wherever compilation fails (e.g. no C++ compiler)."""
+    import torch._dynamo
+
+    torch._dynamo.config.suppress_errors = True
+    return torch.compile(model)
 
 
 def _evaluate(model: torch.nn.Module, evaluate: Callable[[torch.nn.Module], dict[str, float]]) -> dict[str, float]:

@@ -105,7 +105,7 @@ def run_pretrain(cell: Cell, key: str, ctx: StudyContext) -> list[dict]:
     model = build_model(ModelSize(**cfg["model"]), len(tokenizer), cfg["seed"], bos_token_id=tokenizer.eos_token_id,
                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id).to(ctx.device)
     train_config = TrainConfig(steps=total_steps, weight_decay=cfg["weight_decay"], grad_clip=cfg["grad_clip"],
-                               schedule=_pretrain_schedule(cfg, total_steps, warmup))
+                               compile=cfg["compile"], schedule=_pretrain_schedule(cfg, total_steps, warmup))
     optimizer = make_optimizer(model, train_config)
     start_step = _resume_point(cell, key, ctx, model, optimizer, per_step)
     save_steps = {ref.tokens // per_step: ref for ref in cell.writes}
