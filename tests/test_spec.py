@@ -45,3 +45,12 @@ def test_yaml_exponent_floats_are_numbers(tmp_path):
     (tmp_path / "s.yaml").write_text(GOOD + "finetune:\n  lrs: [1e-4, 2.5E-3]\n")
     spec = load_spec(tmp_path / "s.yaml")
     assert spec.pretrain.peak_lr == 3e-3 and spec.finetune.lrs == [1e-4, 2.5e-3]
+
+
+def test_study_reference_doc_is_up_to_date():
+    from pathlib import Path
+
+    from overtrain.spec import reference_markdown
+
+    doc = Path(__file__).parents[1] / "docs" / "STUDY.md"
+    assert doc.read_text() == reference_markdown() + "\n", "regenerate with: overtrain keys > docs/STUDY.md"

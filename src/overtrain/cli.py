@@ -81,5 +81,13 @@ def report_command(run_dir: Path = typer.Argument(..., help="A run folder.")) ->
     typer.echo(f"report: {folder / 'summary.md'}")
 
 
+@app.command("keys")
+def keys_command() -> None:
+    """Print the reference of every study-file key (the text of docs/STUDY.md)."""
+    from overtrain.spec import reference_markdown
+
+    typer.echo(reference_markdown())
+
+
 def main() -> None:  # pragma: no cover - `python -m overtrain`
     sys.exit(app())
