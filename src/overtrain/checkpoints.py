@@ -57,12 +57,19 @@ def read_manifest(folder: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def load_checkpoint(folder: Path, device: str = "cpu") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    folder = Path(folder)
+def check_checkpoint_folder(folder: Path) -> None:
+    """Raise CheckpointError unless `folder` holds an HF config and weights."""
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: not a folder")
     if not (folder / "config.json").exists():
         raise CheckpointError(f"{folder}: no config.json")
     if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
         raise CheckpointError(f"{folder}: no weights (*.safetensors or *.bin)")
+
+
+def load_checkpoint(folder: Path, device: str = "cpu") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    folder = Path(folder)
+    check_checkpoint_folder(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype="float32").to(device)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if len(tokenizer) > model.config.vocab_size:

