@@ -28,6 +28,8 @@ class TrainConfig:
     grad_clip: float = 1.0
     l2_to_start: float = 0.0  # lambda * ||theta - theta_start||^2 added to the loss
     compile: bool = False  # torch.compile the forward pass: ~1.3x on small models, seconds to compile
+    sam_rho: float = 0.0  # sharpness-aware minimization radius; 0 is plain AdamW
+    sam_start_step: int = 0  # SAM only from this step on (e.g. the last part of pre-training)
 
 
 @dataclass
@@ -98,6 +100,8 @@ def train(
             break
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if config.sam_rho > 0 and step >= config.sam_start_step:
+            _sharpness_aware_gradient(model, forward, batch, config.sam_rho, anchor, config.l2_to_start)
         if config.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()
@@ -115,6 +119,23 @@ def train(
     if evaluate is not None and not result.diverged:
         result.evaluations.append({"step": result.steps_done, **_evaluate(model, evaluate)})
     return result
+
+
+def _sharpness_aware_gradient(model, forward, batch, rho: float, anchor, l2: float) -> None:
+    """Replace the gradient by the one at theta + rho * g / ||g|| (SAM's ascent step)."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
+    with torch.no_grad():
+        ascent = [p.grad * (rho / (norm + 1e-12)) for p in params]
+        torch._foreach_add_(params, ascent)
+    model.zero_grad(set_to_none=True)
+    with autocast(next(model.parameters()).device):
+        loss = forward(**batch, use_cache=False).loss
+    if anchor is not None:
+        loss = loss + l2 * _squared_distance(model, anchor)
+    loss.backward()
+    with torch.no_grad():
+        torch._foreach_sub_(params, ascent)
 
 
 def compiled(model: torch.nn.Module) -> torch.nn.Module:
