@@ -39,15 +39,24 @@ def train_tokenizer(documents: Iterable[str], vocab_size: int | str) -> PreTrain
 
 
 def token_byte_lengths(tokenizer: PreTrainedTokenizerFast) -> np.ndarray:
-    """UTF-8 bytes each token id stands for (the end-of-text marker counts as one).
+    """UTF-8 bytes each token id stands for; special tokens count 0, end-of-text 1.
 
-    Byte-level BPE writes each byte as one printable character, so a token's byte
-    count is its length in characters.
+    Byte-level BPE (ours, GPT-2, Llama 3, SmolLM) writes each byte as one printable
+    character, so a token's byte count is its length in characters. SentencePiece
+    vocabularies write a space as "\u2581" and unknown bytes as "<0xNN>".
     """
     vocab = tokenizer.get_vocab()
+    byte_level = "ByteLevel" in str(tokenizer.backend_tokenizer.decoder)
     lengths = np.zeros(max(vocab.values()) + 1, dtype=np.int64)
     for token, index in vocab.items():
-        lengths[index] = len(token)
-    lengths[tokenizer.convert_tokens_to_ids(EOS)] = 1
-    lengths[tokenizer.convert_tokens_to_ids(PAD)] = 0
+        lengths[index] = len(token) if byte_level else _sentencepiece_bytes(token)
+    lengths[tokenizer.all_special_ids] = 0
+    if tokenizer.eos_token_id is not None:
+        lengths[tokenizer.eos_token_id] = 1  # the document boundary it predicts
     return lengths
+
+
+def _sentencepiece_bytes(piece: str) -> int:
+    if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+        return 1
+    return len(piece.replace("\u2581", " ").encode())
