@@ -121,6 +121,16 @@ class StudySpec(Section):
     eval: EvalSpec = Field(default_factory=EvalSpec, description="Held-out evaluation of every model.")
     sensitivity: SensitivitySpec | None = Field(default_factory=SensitivitySpec, description="Gaussian perturbation probe; null to skip.")
     finetune: FinetuneSpec | None = Field(default_factory=FinetuneSpec, description="Fine-tuning sweep; null to skip.")
+    theory: dict | None = Field(None, description="The linear-network theory simulation (keys in docs/THEORY.md and "
+                                "examples/theory.yaml); null to skip, {} for its defaults.")
+
+    @field_validator("theory")
+    @classmethod
+    def _theory_keys(cls, section: dict | None) -> dict | None:
+        from overtrain.theory.linear import config_from_dict
+
+        config_from_dict(section)  # raises "theory.<key>: ..." on a bad key or value
+        return section
 
     @model_validator(mode="after")
     def _fits_model(self) -> "StudySpec":
@@ -177,6 +187,8 @@ def _first_error(err: ValidationError) -> str:
     if first["type"] == "missing":
         return f"{key}: missing"
     message = first["msg"].removeprefix("Value error, ")
+    if message.startswith(f"{key}."):  # the validator named the nested key itself
+        return message
     value = first.get("input")
     shown = "" if isinstance(value, dict) or value is None else f" (got {value!r})"
     return f"{key}: {message}{shown}" if key else message
