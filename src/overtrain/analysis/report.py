@@ -1,8 +1,16 @@
-"""The report of a run folder, built from the results store alone.
+"""The report of a run folder, rebuilt from its results store alone.
 
-`report/` gets one PNG per question and `summary.md` with the tables behind them.
-Decayed checkpoints (cosine, wsd) are drawn solid, undecayed ones (constant) dashed;
-token axes are logarithmic; bands are 95% intervals over seeds.
+`build_report(run_dir)` writes `run_dir/report/`:
+
+- `index.html`: one self-contained page (figures embedded), the recommendation first,
+  then the base model, sensitivity, fine-tuning at fixed and at tuned LR, sharpness,
+  theory and mitigations, each section only when the study measured it;
+- `summary.md`: the same text with links to the PNGs beside it;
+- `tables/*.csv`: every table behind a figure or a number on the page.
+
+The statistics (inflection points, rank trends, tuned LR, matched-loss forgetting,
+the recommendation) live in `curves.py` and `recommend.py`; this module only
+chooses what to show and says it in words. docs/REPORT.md explains how to read it.
 """
 
 from __future__ import annotations
@@ -10,128 +18,384 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import pandas as pd
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
+from overtrain.analysis import curves, page, plots, tables
+from overtrain.analysis.page import Figure, Section
+from overtrain.analysis.plots import short_tokens
+from overtrain.analysis.recommend import DEFAULT_TOLERANCE_BPB, Recommendation, recommend
 
-from overtrain.analysis import tables  # noqa: E402
+SHARPNESS_METRICS = {  # probe metric -> axis label
+    "hessian_top_eig": "top Hessian eigenvalue",
+    "hessian_trace": "Hessian trace",
+    "kl_sharpness": "KL sharpness",
+    "critical_sharpness": "critical sharpness",
+}
+TABLES_DIR = "tables"
+THEORY_DIR = "theory"  # inside the run folder: the theory simulation's figures and summary.md
+RECOMMENDATION_ROWS = 8  # the best, its runners-up and the first excluded choices
 
-# (color, line style, marker): decayed schedules solid, the undecayed constant run dashed.
-SCHEDULE_STYLE = {"cosine": ("tab:blue", "-", "o"), "wsd": ("tab:green", "-", "s"), "constant": ("tab:gray", "--", "^")}
-SCHEDULE_LABEL = {"cosine": "cosine to zero (decayed)", "wsd": "WSD branch (decayed)", "constant": "constant LR (undecayed)"}
 
+def build_report(run_dir: str | Path, task: str | None = None, tolerance_bpb: float = DEFAULT_TOLERANCE_BPB,
+                 n_boot: int = curves.N_BOOT, seed: int = 0) -> Path:
+    """Write `run_dir/report/` and return its path.
 
-def build_report(run_dir: str | Path) -> Path:
-    from overtrain.study.runner import load_results
+    task: the fine-tuning task to recommend for (default: every task of the study).
+    tolerance_bpb: the most pre-training-text bpb a recommendation may lose to
+    fine-tuning, relative to its own base checkpoint.
+    n_boot, seed: bootstrap resamples behind every interval, and their seed.
+    """
+    from overtrain.study.runner import load_results  # the runner imports torch; keep `analysis` light
 
     run_dir = Path(run_dir)
-    out = run_dir / "report"
-    out.mkdir(exist_ok=True)
-    results = load_results(run_dir)
     study = json.loads((run_dir / "study.json").read_text())
-    sections = [f"# Study `{study['name']}`\n", _settings(study)]
-    if results.empty:
-        sections.append("No finished results yet.\n")
-    else:
-        sections += _base_section(results, out)
-        sections += _sensitivity_section(results, out)
-        sections += _finetune_section(results, out)
-        diverged = tables.diverged_runs(results)
-        if not diverged.empty:
-            sections += ["## Diverged runs\n", diverged.to_markdown(index=False), ""]
-    (out / "summary.md").write_text("\n".join(sections) + "\n")
+    return write_report(load_results(run_dir), study, run_dir / "report", task, tolerance_bpb, n_boot, seed,
+                        theory_dir=run_dir / THEORY_DIR)
+
+
+def write_report(results: pd.DataFrame, study: dict, out: Path, task: str | None = None,
+                 tolerance_bpb: float = DEFAULT_TOLERANCE_BPB, n_boot: int = curves.N_BOOT, seed: int = 0,
+                 theory_dir: Path | None = None) -> Path:
+    """The report of tidy `results` of a study (its study.json as a dict) into folder `out`.
+
+    theory_dir: where the study's theory simulation wrote its PNGs and summary.md, if it has one.
+    """
+    (out / TABLES_DIR).mkdir(parents=True, exist_ok=True)
+    remove_previous_build(out)
+    report = Report(results, out, n_boot, seed, theory_dir)
+    sections = report.sections(task, tolerance_bpb) if not results.empty else [
+        Section("No results yet", ["The store has no finished cells; run the study first."])]
+    title = f"overtrain report: {study['name']}"
+    settings = study_settings(study)
+    (out / "index.html").write_text(page.to_html(title, settings, sections))
+    (out / "summary.md").write_text(page.to_markdown(title, settings, sections))
+    for section in sections:
+        for name, table in section.tables:
+            table.to_csv(out / TABLES_DIR / f"{name}.csv", index=False)
     return out
 
 
-def _settings(study: dict) -> str:
+def remove_previous_build(out: Path) -> None:
+    """Drop the figures and tables of an earlier build, so nothing stale survives a rebuild."""
+    for stale in [*out.glob("*.png"), *out.glob(f"{TABLES_DIR}/*.csv")]:
+        stale.unlink()
+
+
+def study_settings(study: dict) -> list[tuple[str, str]]:
+    """The settings a reader needs to interpret the numbers, as (label, value) pairs."""
     pre, model = study["pretrain"], study["model"]
-    return (f"Model preset `{model['preset']}`, tokenizer `{study['tokenizer']['vocab_size']}`, corpus `{study['data']['corpus']}`; "
-            f"budgets {', '.join(f'{b:,}' for b in pre['budgets'])} tokens; schedules {', '.join(pre['schedules'])}; "
-            f"peak LR {pre['peak_lr']:g}.\n")
+    settings = [
+        ("model", ", ".join([f"preset {model.get('preset')}"] +
+                            [f"{k} {v}" for k, v in model.items() if k != "preset" and v is not None])),
+        ("corpus, tokenizer", f"{study['data']['corpus']}, vocabulary {study['tokenizer']['vocab_size']}"),
+        ("pre-training budgets", ", ".join(short_tokens(b) for b in pre["budgets"]) + " tokens"),
+        ("schedules", f"{', '.join(pre['schedules'])}; peak LR {pre['peak_lr']:g}"),
+    ]
+    if study.get("sensitivity"):
+        sens = study["sensitivity"]
+        settings.append(("perturbation", f"gamma {', '.join(f'{g:g}' for g in sens['gammas'])}; "
+                                         f"{len(sens['seeds'])} noise seeds"))
+    if study.get("finetune"):
+        ft = study["finetune"]
+        settings.append(("fine-tuning", f"tasks {', '.join(ft['tasks'])}; LRs {', '.join(f'{lr:g}' for lr in ft['lrs'])}; "
+                                        f"{ft['steps']} steps; {len(ft['seeds'])} seeds"))
+    return settings
 
 
-def _base_section(results: pd.DataFrame, out: Path) -> list[str]:
-    base = tables.base_metrics(results)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for schedule, rows in base.groupby("schedule"):
-        _line(ax, rows["tokens"], rows["bpb"], schedule)
-    _axes(ax, "held-out bits per byte", "(a) Base model on held-out pre-training text")
-    _save(fig, out / "a_base_bpb.png")
-    return ["## (a) Base model\n", "![base bpb](a_base_bpb.png)\n", _table(base), ""]
+class Report:
+    """Builds the sections of one run's report; each method is one section."""
+
+    def __init__(self, results: pd.DataFrame, out: Path, n_boot: int, seed: int, theory_dir: Path | None = None):
+        self.results, self.out, self.n_boot, self.seed, self.theory_dir = results, out, n_boot, seed, theory_dir
+        final = tables.finetune_final(results)
+        self.tasks = sorted(final["task"].dropna().unique())
+        self.id_metric, self.id_higher_is_better = ("id_acc", True) if (final["metric"] == "id_acc").any() \
+            else ("id_bpb", False)
+
+    def sections(self, task: str | None, tolerance_bpb: float) -> list[Section]:
+        return [
+            self.recommendation([task] if task else self.tasks, tolerance_bpb),
+            self.base_model(),
+            self.sensitivity(),
+            *[self.fixed_lr(t) for t in self.tasks],
+            *[self.tuned_lr(t) for t in self.tasks],
+            self.sharpness(),
+            self.theory(),
+            self.mitigations(),
+            self.diverged(),
+        ]
+
+    # -- the answer -------------------------------------------------------------------
+
+    def recommendation(self, tasks: list[str], tolerance_bpb: float) -> Section:
+        section = Section("Recommendation", lead=True)
+        if not tasks:
+            section.paragraphs.append("No fine-tuning results yet: the recommendation needs the fine-tuning sweep.")
+        for task in tasks:
+            found = recommend(self.results, task, tolerance_bpb, self.n_boot, self.seed)
+            section.paragraphs += describe_recommendation(found)
+            section.tables.append((f"recommendation_{task}", found.candidates.head(RECOMMENDATION_ROWS)))
+        section.paragraphs.append(
+            f"Forgetting = pre-training-text bpb after fine-tuning minus the same checkpoint's bpb before it "
+            f"(mean over seeds); tolerance +{tolerance_bpb:g} bpb. 'Best in x%' is how often a choice wins when "
+            "the fine-tuning seeds are redrawn (bootstrap).")
+        return section
+
+    # -- the base model -----------------------------------------------------------------
+
+    def base_model(self) -> Section:
+        base = tables.base_metrics(self.results)
+        if base.empty:
+            return Section("Base model")
+        figure = plots.schedules_figure(base.rename(columns={"bpb": "mean"}), "held-out bits per byte",
+                                        "Base model on held-out pre-training text", self.out / "base_bpb.png")
+        changes = [f"{s}: {_first_last(c, 'bpb')}" for s, c in base.groupby("schedule")]
+        caption = "Held-out bpb of each checkpoint before any change (lower is better). " + "; ".join(changes) + "."
+        return Section("Base model", figures=[Figure(figure, caption)], tables=[("base_model", base)])
+
+    # -- progressive sensitivity ----------------------------------------------------------
+
+    def sensitivity(self) -> Section:
+        delta = tables.probe_points(self.results, "delta_bpb")
+        if delta.empty:
+            return Section("Sensitivity to Gaussian perturbation")
+        perturbed = tables.probe_points(self.results, "perturbed_bpb")
+        trends = curves.rank_trends(delta, ["schedule", "gamma"], self.n_boot, self.seed)
+        t_pre = curves.inflections(perturbed, ["schedule", "gamma"], n_boot=self.n_boot, seed=self.seed)
+        delta_table = tables.mean_with_ci(delta, ["schedule", "decayed", "gamma", "tokens"])
+        perturbed_table = tables.mean_with_ci(perturbed, ["schedule", "decayed", "gamma", "tokens"])
+        delta_png = plots.panels_figure(delta_table, "gamma", "gamma", "bpb increase under noise",
+                                        "Sensitivity: bpb increase from noise theta + gamma sigma_init eps",
+                                        self.out / "sensitivity_delta_bpb.png")
+        perturbed_png = plots.panels_figure(perturbed_table, "gamma", "gamma", "held-out bpb of perturbed model",
+                                            "Perturbed model: a U-curve means more tokens start to hurt",
+                                            self.out / "sensitivity_perturbed_bpb.png", t_pre)
+        return Section(
+            "Sensitivity to Gaussian perturbation",
+            ["Each checkpoint is perturbed with Gaussian noise scaled by each tensor's initialization std; "
+             "bands are 95% intervals over noise seeds."],
+            [Figure(delta_png, "How much the same noise hurts, by tokens. Rank correlation with tokens (Spearman, "
+                    "95% bootstrap interval): " + describe_trends(trends, "gamma") + "."),
+             Figure(perturbed_png, "Bpb after perturbation. Inflection T_pre (the budget after which more "
+                    "pre-training makes the perturbed model worse): " + describe_inflections(t_pre, "gamma") + ".")],
+            [("sensitivity_delta_bpb", delta_table), ("sensitivity_rank_trend", trends),
+             ("perturbed_bpb", perturbed_table), ("inflection_T_pre_by_gamma", t_pre)],
+        )
+
+    # -- fine-tuning ------------------------------------------------------------------------
+
+    def fixed_lr(self, task: str) -> Section:
+        ood = _task(tables.final_points(self.results, "ood_bpb"), task)
+        task_metric = _task(tables.final_points(self.results, self.id_metric), task)
+        by = ["schedule", "decayed", "lr", "tokens"]
+        ood_table, id_table = tables.mean_with_ci(ood, by), tables.mean_with_ci(task_metric, by)
+        t_pre = curves.inflections(ood, ["schedule", "lr"], n_boot=self.n_boot, seed=self.seed)
+        t_ft = curves.inflections(task_metric, ["schedule", "lr"], self.id_higher_is_better, self.n_boot, self.seed)
+        id_label = _id_label(self.id_metric)
+        ood_png = plots.panels_figure(ood_table, "lr", "LR", "pre-training text bpb after fine-tuning",
+                                      f"Forgetting on {task}: pre-training text after fine-tuning at a fixed LR",
+                                      self.out / f"fixed_lr_ood_{task}.png", t_pre)
+        id_png = plots.panels_figure(id_table, "lr", "LR", f"{id_label} after fine-tuning",
+                                     f"Task performance on {task} after fine-tuning at a fixed LR",
+                                     self.out / f"fixed_lr_id_{task}.png", t_ft)
+        return Section(
+            f"Fine-tuning on {task} at a fixed LR",
+            ["Every checkpoint fine-tuned with the same hyper-parameters; values at the end of fine-tuning, "
+             "bands are 95% intervals over fine-tuning seeds."],
+            [Figure(ood_png, "Pre-training-text bpb after fine-tuning (lower is better). T_pre: "
+                    + describe_inflections(t_pre, "lr", "LR") + "."),
+             Figure(id_png, f"{id_label.capitalize()} after fine-tuning. T_ft (the budget after which task performance "
+                    "after fine-tuning gets worse): " + describe_inflections(t_ft, "lr", "LR") + ".")],
+            [(f"fixed_lr_ood_{task}", ood_table), (f"fixed_lr_id_{task}", id_table),
+             (f"inflection_T_pre_by_lr_{task}", t_pre), (f"inflection_T_ft_by_lr_{task}", t_ft)],
+        )
+
+    def tuned_lr(self, task: str) -> Section:
+        task_metric = _task(tables.final_points(self.results, self.id_metric), task)
+        ood = _task(tables.final_points(self.results, "ood_bpb"), task)
+        tuned = curves.tuned_lr(task_metric, self.id_higher_is_better)
+        id_at, ood_at = curves.tuned_points(task_metric, tuned), curves.tuned_points(ood, tuned)
+        by = ["schedule", "decayed", "tokens"]
+        id_table, ood_table = tables.mean_with_ci(id_at, by), tables.mean_with_ci(ood_at, by)
+        found = {"id": curves.inflections(id_at, ["schedule"], self.id_higher_is_better, self.n_boot, self.seed),
+                 "ood": curves.inflections(ood_at, ["schedule"], n_boot=self.n_boot, seed=self.seed)}
+        trends = pd.DataFrame([{"schedule": s, **curves.lr_trend(rows).__dict__} for s, rows in tuned.groupby("schedule")])
+        grid = sorted(tables.finetune_final(self.results)["lr"].dropna().unique())
+        figures = [
+            Figure(plots.tuned_figure(id_table, ood_table, f"{_id_label(self.id_metric)} after fine-tuning", found,
+                                      f"{task} at the tuned LR (best task result per checkpoint)",
+                                      self.out / f"tuned_lr_{task}.png"),
+                   f"At each checkpoint's ID-optimal LR. T_ft: {describe_inflections(found['id'])}. "
+                   f"T_pre: {describe_inflections(found['ood'])}."),
+            Figure(plots.lr_trend_figure(tuned, grid, f"ID-optimal LR on {task}", self.out / f"tuned_lr_trend_{task}.png"),
+                   "The LR with the best task result, by tokens (grey lines: the LR grid). Trend of log LR* against "
+                   "log tokens: " + "; ".join(f"{r.schedule}: {r.trend} (slope {r.slope:+.2f})"
+                                              for r in trends.itertuples()) + "."),
+        ]
+        section_tables = [(f"tuned_lr_{task}", tuned), (f"tuned_lr_id_{task}", id_table),
+                          (f"tuned_lr_ood_{task}", ood_table), (f"tuned_lr_trend_{task}", trends),
+                          (f"inflection_T_ft_tuned_{task}", found["id"]), (f"inflection_T_pre_tuned_{task}", found["ood"])]
+        figures += self.matched_loss(task, section_tables)
+        figures += self.benchmarks(task, tuned, section_tables)
+        return Section(f"Fine-tuning on {task} at the tuned LR", [
+            "In practice the LR is tuned per checkpoint for the task. The LR is picked on the mean over seeds; "
+            "bands are 95% intervals over seeds at that LR. Trend rule: |slope| < 0.1 constant, "
+            "slope between -0.5 and -0.1 slowly decreasing, steeper quickly decreasing."], figures, section_tables)
+
+    def matched_loss(self, task: str, section_tables: list) -> list[Figure]:
+        """Forgetting compared at equal task loss rather than at equal steps."""
+        paths = _task(tables.trajectories(self.results), task)
+        across_checkpoints = curves.matched_loss_across_checkpoints(paths)
+        across_lrs = curves.matched_loss_across_lrs(paths)
+        figures = []
+        if not across_checkpoints.empty:
+            tau = across_checkpoints["tau_id_loss_nats"].iloc[0]
+            png = plots.schedules_figure(across_checkpoints.rename(columns={"ood_loss_nats": "mean"}),
+                                         "lowest pre-training text loss (nats)",
+                                         f"Forgetting at matched task loss <= {tau:.3f} nats",
+                                         self.out / f"matched_loss_checkpoints_{task}.png")
+            figures.append(Figure(png, f"Each checkpoint's lowest pre-training-text loss among evaluations "
+                                       f"(any LR, any step, seed means) whose task loss reached {tau:.3f} nats, the "
+                                       "worst of the checkpoints' best task losses. " +
+                                       "; ".join(f"{s}: {_first_last(c, 'ood_loss_nats')}"
+                                                 for s, c in across_checkpoints.groupby("schedule")) + "."))
+            section_tables.append((f"matched_loss_checkpoints_{task}", across_checkpoints))
+        if not across_lrs.empty:
+            png = plots.matched_lr_figure(across_lrs, f"Large vs small LR at the same task loss ({task})",
+                                          self.out / f"matched_loss_lrs_{task}.png")
+            largest = across_lrs.loc[across_lrs.groupby("checkpoint")["lr"].idxmax()]
+            figures.append(Figure(png, "Per checkpoint, each LR's pre-training-text loss where its (seed-mean) "
+                                       "trajectory first reaches the task loss that all learning LRs reach, "
+                                       "interpolated linearly between evaluations. The largest LR forgets "
+                                       f"{largest['extra_vs_smallest_lr'].median():+.3f} nats vs the smallest "
+                                       "(median over checkpoints)."))
+            section_tables.append((f"matched_loss_lrs_{task}", across_lrs))
+        return figures
+
+    def benchmarks(self, task: str, tuned: pd.DataFrame, section_tables: list) -> list[Figure]:
+        """Benchmark accuracies (`bench_<name>_acc`) after fine-tuning at the tuned LR, where measured."""
+        figures = []
+        for metric in sorted(m for m in tables.finetune_metrics_present(self.results) if m.startswith("bench_")):
+            points = curves.tuned_points(_task(tables.final_points(self.results, metric), task), tuned)
+            table = tables.mean_with_ci(points, ["schedule", "decayed", "tokens"])
+            name = metric.removeprefix("bench_").removesuffix("_acc")
+            png = plots.schedules_figure(table, f"{name} accuracy", f"{name} after fine-tuning on {task} (tuned LR)",
+                                         self.out / f"{metric}_{task}.png")
+            changes = "; ".join(f"{s}: {_first_last(c, 'mean')}" for s, c in table.groupby("schedule"))
+            figures.append(Figure(png, f"Benchmark {name} (higher is better) at the tuned LR. {changes}."))
+            section_tables.append((f"{metric}_{task}", table))
+        return figures
+
+    # -- sections that appear once their data exist ----------------------------------------
+
+    def sharpness(self) -> Section:
+        section = Section("Sharpness")
+        for metric in tables.probe_metrics_present(self.results, list(SHARPNESS_METRICS)):
+            points = tables.probe_points(self.results, metric)
+            has_gamma = points["gamma"].notna().any()
+            by = ["schedule", "decayed", *(["gamma"] if has_gamma else []), "tokens"]
+            table = tables.mean_with_ci(points, by)
+            label, path = SHARPNESS_METRICS[metric], self.out / f"sharpness_{metric}.png"
+            png = plots.panels_figure(table, "gamma", "gamma", label, label, path) if has_gamma \
+                else plots.schedules_figure(table, label, f"{label} of the pre-trained model", path)
+            trends = curves.rank_trends(points, ["schedule", *(["gamma"] if has_gamma else [])], self.n_boot, self.seed)
+            section.figures.append(Figure(png, f"{label} by tokens. Rank correlation with tokens: "
+                                               + describe_trends(trends, "gamma" if has_gamma else None) + "."))
+            section.tables += [(f"sharpness_{metric}", table), (f"sharpness_{metric}_rank_trend", trends)]
+        return section
+
+    def theory(self) -> Section:
+        """The linear-network theory's figures and summary, as `overtrain.theory.run.run_theory` wrote them."""
+        folder = self.theory_dir
+        if folder is None or not folder.is_dir():
+            return Section("Theory: two-layer linear network")
+        summary = folder / "summary.md"
+        paragraphs = [line.lstrip("#- ").strip() for line in summary.read_text().splitlines()
+                      if line.strip()] if summary.exists() else []
+        figures = [Figure(png, png.stem.replace("_", " ")) for png in sorted(folder.glob("*.png"))]
+        return Section("Theory: two-layer linear network", paragraphs, figures)
+
+    def mitigations(self) -> Section:
+        """Fine-tuning runs that carry a `mitigation` column: final ID and OOD per mitigation."""
+        if "mitigation" not in self.results or self.results["mitigation"].isna().all():
+            return Section("Mitigations")
+        final = tables.finetune_final(self.results)
+        final = final[final["metric"].isin([self.id_metric, "ood_bpb"])]
+        table = tables.mean_with_ci(final, ["mitigation", "schedule", "task", "lr", "tokens", "metric"])
+        return Section("Mitigations", ["Final task metric and pre-training-text bpb per mitigation "
+                                       "(mean and 95% interval over seeds)."], tables=[("mitigations", table)])
+
+    def diverged(self) -> Section:
+        rows = tables.diverged_runs(self.results)
+        return Section("Diverged runs", [f"{len(rows)} runs diverged; they count as results and are never "
+                                         "recommended."], tables=[("diverged_runs", rows)]) if len(rows) \
+            else Section("Diverged runs")
 
 
-def _sensitivity_section(results: pd.DataFrame, out: Path) -> list[str]:
-    delta = tables.sensitivity(results, "delta_bpb")
-    if delta.empty:
-        return []
-    perturbed = tables.sensitivity(results, "perturbed_bpb")
-    lines = ["## (b, c) Gaussian perturbation\n",
-             "Noise theta + gamma * sigma_init * eps; bands: 95% interval over noise seeds.\n"]
-    for table, name, ylabel, title in ((delta, "b_sensitivity.png", "bpb increase under noise", "(b) Sensitivity"),
-                                       (perturbed, "c_perturbed_bpb.png", "perturbed held-out bpb", "(c) Perturbed model")):
-        gammas = sorted(table["gamma"].unique())
-        fig, axes = plt.subplots(1, len(gammas), figsize=(5 * len(gammas), 4), squeeze=False)
-        for ax, gamma in zip(axes[0], gammas):
-            for schedule, rows in table[table["gamma"] == gamma].groupby("schedule"):
-                _line(ax, rows["tokens"], rows["mean"], schedule, rows["ci_low"], rows["ci_high"])
-            _axes(ax, ylabel, f"{title}, gamma = {gamma:g}")
-        _save(fig, out / name)
-        lines += [f"![{title}]({name})\n", _table(table), ""]
+# -- words ---------------------------------------------------------------------------------
+
+def describe_recommendation(found: Recommendation) -> list[str]:
+    unit = "task accuracy" if found.higher_is_better else "task bpb"
+    best = found.best
+    if best is None:
+        least = found.candidates.sort_values("forgetting_bpb").iloc[0] if len(found.candidates) else None
+        fallback = "" if least is None else (f" The least forgetting is {_choice(least)}: "
+                                             f"{least['forgetting_bpb']:+.3f} bpb.")
+        return [f"{found.task}: no checkpoint and LR keeps forgetting within +{found.tolerance_bpb:g} bpb.{fallback}"]
+    sure = "" if np.isnan(best["p_best"]) else f" Best in {best['p_best']:.0%} of seed resamples."
+    lines = [f"{found.task}: fine-tune {_choice(best)}. {unit} {best['id_mean']:.3f}, forgetting "
+             f"{best['forgetting_bpb']:+.3f} bpb (tolerance +{found.tolerance_bpb:g}).{sure}"]
+    runners = found.runners_up
+    if len(runners):
+        lines.append("Runners-up: " + "; ".join(
+            f"{_choice(r)} ({unit} {r['id_mean']:.3f}, forgetting {r['forgetting_bpb']:+.3f}"
+            + ("" if np.isnan(r["p_best"]) else f", best in {r['p_best']:.0%}") + ")"
+            for _, r in runners.iterrows()) + ".")
     return lines
 
 
-def _finetune_section(results: pd.DataFrame, out: Path) -> list[str]:
-    lines = []
-    for metric, name, ylabel, title in (
-        ("ood_bpb", "d_ood_after_finetune.png", "pre-training text bpb after fine-tuning", "(d) Forgetting (OOD)"),
-        ("id_bpb", "e_id_after_finetune.png", "task held-out bpb after fine-tuning", "(e) Task performance (ID)"),
-    ):
-        table = tables.finetune_curves(results, metric)
-        if table.empty:
-            continue
-        tasks = sorted(table["task"].unique())
-        fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4.2), squeeze=False)
-        for ax, task in zip(axes[0], tasks):
-            rows = table[table["task"] == task]
-            lrs = sorted(rows["lr"].unique())
-            colors = plt.cm.viridis([i / max(1, len(lrs) - 1) for i in range(len(lrs))])
-            for color, lr in zip(colors, lrs):
-                for schedule, curve in rows[rows["lr"] == lr].groupby("schedule"):
-                    _, style, marker = SCHEDULE_STYLE.get(schedule, ("k", "-", "o"))
-                    curve = curve.sort_values("tokens")
-                    ax.plot(curve["tokens"], curve["mean"], style, marker=marker, ms=4, color=color,
-                            label=f"lr {lr:g}, {schedule}")
-                    ax.fill_between(curve["tokens"], curve["ci_low"], curve["ci_high"], color=color, alpha=0.15)
-            _axes(ax, ylabel, f"{title}: {task}")
-        _save(fig, out / name)
-        lines += [f"## {title}\n", f"![{title}]({name})\n", _table(table), ""]
-    return lines
+def _choice(row: pd.Series) -> str:
+    return f"the {row['schedule']} checkpoint at {short_tokens(row['tokens'])} tokens ({row['checkpoint']}) at LR {row['lr']:g}"
 
 
-def _line(ax, x, y, schedule, low=None, high=None) -> None:
-    color, style, marker = SCHEDULE_STYLE.get(schedule, ("k", "-", "o"))
-    order = x.argsort()
-    ax.plot(x.iloc[order], y.iloc[order], style, marker=marker, ms=4, color=color, label=SCHEDULE_LABEL.get(schedule, schedule))
-    if low is not None:
-        ax.fill_between(x.iloc[order], low.iloc[order], high.iloc[order], color=color, alpha=0.2)
+def describe_inflections(found: pd.DataFrame, column: str | None = None, label: str | None = None) -> str:
+    """'cosine, LR 0.001: after ~41k tokens (95% 30k-60k); constant, LR 0.001: still improving at 131k tokens'."""
+    if found.empty:
+        return "not enough data"
+    found_parts, missing = [], {}
+    for row in found.itertuples():
+        name = row.schedule + (f", {label or column} {getattr(row, column):g}" if column else "")
+        if row.found:
+            found_parts.append(f"{name}: after ~{short_tokens(row.tokens)} tokens "
+                               f"(95% {short_tokens(row.ci_low)}-{short_tokens(row.ci_high)})")
+        else:
+            missing.setdefault(row.note.split(": ", 1)[-1], []).append(name)
+    # Curves without an inflection share a few reasons: say each reason once.
+    missing_parts = [f"{reason} ({'all curves' if len(names) == len(found) else '; '.join(names)})"
+                     for reason, names in missing.items()]
+    return "; ".join(found_parts + missing_parts)
 
 
-def _axes(ax, ylabel: str, title: str) -> None:
-    ax.set_xscale("log")
-    ax.set_xlabel("pre-training tokens (log scale)")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7)
+def describe_trends(trends: pd.DataFrame, hue: str | None) -> str:
+    parts = []
+    for row in trends.itertuples():
+        name = row.schedule + (f", {hue} {getattr(row, hue):g}" if hue else "")
+        interval = "" if np.isnan(row.ci_low) else f" [{row.ci_low:.2f}, {row.ci_high:.2f}]"
+        parts.append(f"{name}: rho {row.rho:.2f}{interval}")
+    return "; ".join(parts)
 
 
-def _save(fig, path: Path) -> None:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+def _first_last(curve: pd.DataFrame, column: str) -> str:
+    curve = curve.sort_values("tokens")
+    first, last = curve.iloc[0], curve.iloc[-1]
+    return (f"{first[column]:.3f} at {short_tokens(first['tokens'])} to {last[column]:.3f} "
+            f"at {short_tokens(last['tokens'])} tokens")
 
 
-def _table(frame: pd.DataFrame) -> str:
-    return frame.to_markdown(index=False, floatfmt=".4g")
+def _id_label(metric: str) -> str:
+    return "task accuracy" if metric == "id_acc" else "task held-out bpb"
+
+
+def _task(frame: pd.DataFrame, task: str) -> pd.DataFrame:
+    return frame[frame["task"] == task]

@@ -1,7 +1,11 @@
-"""From tidy result rows to the summary tables behind every plot.
+"""From tidy result rows to the small tables behind every plot and statistic.
 
-Each table has one row per curve point: the grouping columns, then the mean over
-seeds, a 95% t-interval (`ci_low`, `ci_high`) and the number of seeds `n`.
+Two shapes come out of here:
+
+- *points*: one row per replicate (seed) of one curve point, with a `value` column;
+  the statistics in `curves.py` and `recommend.py` resample these.
+- *summaries*: one row per curve point with the mean over seeds, a 95% t-interval
+  (`ci_low`, `ci_high`) and the number of seeds `n`; the plots draw these.
 """
 
 from __future__ import annotations
@@ -9,6 +13,11 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 from scipy import stats
+
+# Columns that identify a pre-trained checkpoint in every row about it.
+CHECKPOINT_COLUMNS = ["schedule", "decayed", "tokens", "checkpoint"]
+# Fine-tuning metrics measured along a run (at step 0, every eval_every steps, at the end).
+TRAJECTORY_METRICS = ["id_loss_nats", "id_bpb", "ood_loss_nats", "ood_bpb"]
 
 
 def mean_with_ci(frame: pd.DataFrame, by: list[str], value: str = "value") -> pd.DataFrame:
@@ -22,34 +31,75 @@ def mean_with_ci(frame: pd.DataFrame, by: list[str], value: str = "value") -> pd
         half = stats.t.ppf(0.975, n - 1) * v.std(ddof=1) / np.sqrt(n) if n > 1 else 0.0
         return pd.Series({"mean": mean, "ci_low": mean - half, "ci_high": mean + half, "n": n})
 
+    if frame.empty:
+        return pd.DataFrame(columns=[*by, "mean", "ci_low", "ci_high", "n"])
     grouped = frame.groupby(by, dropna=False)[value].apply(summarize).unstack()
     return grouped.reset_index()
 
 
+# -- the base model -----------------------------------------------------------------
+
 def base_metrics(results: pd.DataFrame) -> pd.DataFrame:
     """Held-out loss and bpb of every checkpoint before any change: tokens x schedule."""
     probe = results[(results["kind"] == "probe") & results["gamma"].isna() & results["metric"].isin(["bpb", "loss_nats"])]
+    if probe.empty:
+        return pd.DataFrame(columns=["schedule", "decayed", "tokens", "bpb", "loss_nats"])
     return probe.pivot_table(index=["schedule", "decayed", "tokens"], columns="metric", values="value").reset_index()
 
 
-def sensitivity(results: pd.DataFrame, metric: str) -> pd.DataFrame:
-    """`delta_bpb` or `perturbed_bpb` per schedule, gamma and tokens, over noise seeds."""
+def probe_points(results: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """One probe metric of every checkpoint, one row per (gamma, seed) where it has them."""
     rows = results[(results["kind"] == "probe") & (results["metric"] == metric)]
-    return mean_with_ci(rows, ["schedule", "decayed", "gamma", "tokens"])
+    return rows[[*CHECKPOINT_COLUMNS, "gamma", "seed", "value"]].reset_index(drop=True)
+
+
+def probe_metrics_present(results: pd.DataFrame, candidates: list[str]) -> list[str]:
+    """The candidate probe metrics that this run has measured, in the given order."""
+    measured = set(results.loc[results["kind"] == "probe", "metric"])
+    return [metric for metric in candidates if metric in measured]
+
+
+# -- fine-tuning --------------------------------------------------------------------
+
+def finetune_runs(results: pd.DataFrame) -> pd.DataFrame:
+    """Fine-tuning rows that belong to an evaluation step (drops run-level rows)."""
+    return results[(results["kind"] == "finetune") & results["step"].notna()]
 
 
 def finetune_final(results: pd.DataFrame) -> pd.DataFrame:
     """Each fine-tuning run's metrics at its last evaluation (tidy)."""
-    runs = results[(results["kind"] == "finetune") & results["step"].notna()]
+    runs = finetune_runs(results)
     last = runs.groupby("cell")["step"].transform("max")
-    final = runs[(runs["step"] == last) & runs["metric"].str.startswith(("id_", "ood_"))]
-    return final.reset_index(drop=True)
+    return runs[runs["step"] == last].reset_index(drop=True)
 
 
-def finetune_curves(results: pd.DataFrame, metric: str) -> pd.DataFrame:
-    """A final fine-tuning metric per schedule, task, LR and tokens, over seeds."""
+def finetune_start(results: pd.DataFrame) -> pd.DataFrame:
+    """Each fine-tuning run's metrics at step 0, before any update (tidy)."""
+    runs = finetune_runs(results)
+    return runs[runs["step"] == 0].reset_index(drop=True)
+
+
+def final_points(results: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """One final fine-tuning metric: one row per checkpoint, task, LR and seed."""
     final = finetune_final(results)
-    return mean_with_ci(final[final["metric"] == metric], ["schedule", "decayed", "task", "lr", "tokens"])
+    rows = final[final["metric"] == metric]
+    return rows[[*CHECKPOINT_COLUMNS, "task", "lr", "seed", "value"]].reset_index(drop=True)
+
+
+def finetune_metrics_present(results: pd.DataFrame) -> set[str]:
+    return set(finetune_runs(results)["metric"])
+
+
+def trajectories(results: pd.DataFrame) -> pd.DataFrame:
+    """Fine-tuning runs along their steps, one row per run and evaluation, metrics as columns."""
+    runs = finetune_runs(results)
+    runs = runs[runs["metric"].isin(TRAJECTORY_METRICS)]
+    index = [*CHECKPOINT_COLUMNS, "task", "lr", "seed", "step"]
+    if runs.empty:
+        return pd.DataFrame(columns=[*index, *TRAJECTORY_METRICS])
+    wide = runs.pivot_table(index=index, columns="metric", values="value").reset_index()
+    wide.columns.name = None
+    return wide.sort_values(index).reset_index(drop=True)
 
 
 def diverged_runs(results: pd.DataFrame) -> pd.DataFrame:

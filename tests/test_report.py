@@ -1,0 +1,200 @@
+"""The report as a person sees it: one self-contained page, every figure there, no errors."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from overtrain.analysis.report import TABLES_DIR, write_report
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+BUDGETS = [4096, 8192, 16384, 32768, 65536]
+SCHEDULES = {"cosine": 1, "wsd": 1, "constant": 0}
+GAMMAS, NOISE_SEEDS = [0.5, 1.0], [0, 1, 2]
+LRS, FINETUNE_SEEDS, STEPS = [1e-4, 1e-3], [0, 1], [0, 5, 10]
+BYTES_PER_TOKEN = 3.0
+STUDY = {"name": "synthetic", "data": {"corpus": "default"}, "tokenizer": {"vocab_size": 1024},
+         "model": {"preset": "nano"},
+         "pretrain": {"budgets": BUDGETS, "schedules": list(SCHEDULES), "peak_lr": 3e-3},
+         "sensitivity": {"gammas": GAMMAS, "seeds": NOISE_SEEDS},
+         "finetune": {"tasks": ["math"], "lrs": LRS, "steps": STEPS[-1], "seeds": FINETUNE_SEEDS}}
+
+
+def synthetic_results(seed: int = 0) -> pd.DataFrame:
+    """Tidy rows shaped like a real study's: base bpb falls, sensitivity grows, fine-tuning forgets more late."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for schedule, decayed in SCHEDULES.items():
+        for tokens in BUDGETS:
+            x = np.log2(tokens / BUDGETS[0])
+            checkpoint = {"checkpoint": f"{schedule}-{tokens}", "schedule": schedule, "decayed": decayed, "tokens": tokens}
+            base_nats = 6.0 - 0.25 * x - 0.1 * decayed
+            probe = {**checkpoint, "kind": "probe", "cell": f"probe-{schedule}-{tokens}", "step": np.nan}
+            rows += [{**probe, "metric": "loss_nats", "value": base_nats},
+                     {**probe, "metric": "bpb", "value": _bpb(base_nats)}]
+            for gamma in GAMMAS:
+                for noise_seed in NOISE_SEEDS:
+                    delta = gamma * 0.02 * 2**x * (1 + 0.5 * decayed) * rng.lognormal(0, 0.1)
+                    rows += [{**probe, "gamma": gamma, "seed": noise_seed, "metric": "delta_bpb", "value": delta},
+                             {**probe, "gamma": gamma, "seed": noise_seed, "metric": "perturbed_bpb",
+                              "value": _bpb(base_nats) + delta}]
+            for lr in LRS:
+                for ft_seed in FINETUNE_SEEDS:
+                    cell = {**checkpoint, "kind": "finetune", "cell": f"ft-{schedule}-{tokens}-{lr}-{ft_seed}",
+                            "task": "math", "lr": lr, "seed": ft_seed}
+                    for step in STEPS:
+                        progress = step / STEPS[-1]
+                        id_nats = 5.5 - 0.2 * x - progress * (1 + 300 * lr) + rng.normal(0, 0.02)
+                        ood_nats = base_nats + progress * lr * 40 * 2**x + rng.normal(0, 0.01)
+                        for metric, value in (("id_loss_nats", id_nats), ("id_bpb", _bpb(id_nats)),
+                                              ("ood_loss_nats", ood_nats), ("ood_bpb", _bpb(ood_nats))):
+                            rows.append({**cell, "step": step, "metric": metric, "value": value})
+    frame = pd.DataFrame(rows)
+    frame["weights"] = frame["checkpoint"]
+    return frame
+
+
+def _bpb(nats: float) -> float:
+    return nats / np.log(2) / BYTES_PER_TOKEN
+
+
+@pytest.fixture(scope="module")
+def report_dir(tmp_path_factory) -> Path:
+    return write_report(synthetic_results(), STUDY, tmp_path_factory.mktemp("run") / "report", n_boot=200)
+
+
+def test_page_is_self_contained_with_every_figure_embedded(report_dir):
+    page = (report_dir / "index.html").read_text()
+    sources = re.findall(r'<img src="([^"]+)"', page)
+    pngs = sorted(report_dir.glob("*.png"))
+    assert len(sources) == len(pngs) >= 8
+    for source in sources:
+        assert source.startswith("data:image/png;base64,")
+        assert base64.b64decode(source.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not re.search(r'(src|href)="(?!data:)', page)  # nothing fetched from disk or network
+
+
+def test_page_leads_with_the_recommendation_then_the_sections_in_order(report_dir):
+    page = (report_dir / "index.html").read_text()
+    titles = re.findall(r"<h2>([^<]+)</h2>", page)
+    assert titles[0] == "Recommendation"
+    assert titles[1:] == ["Base model", "Sensitivity to Gaussian perturbation", "Fine-tuning on math at a fixed LR",
+                          "Fine-tuning on math at the tuned LR"]  # no sharpness, theory or mitigation data yet
+    assert "fine-tune the" in page and "tolerance +0.05" in page
+
+
+def test_tables_and_summary_are_written(report_dir):
+    names = {p.stem for p in (report_dir / TABLES_DIR).glob("*.csv")}
+    assert {"base_model", "sensitivity_rank_trend", "inflection_T_pre_by_gamma", "tuned_lr_math",
+            "matched_loss_checkpoints_math", "matched_loss_lrs_math", "recommendation_math"} <= names
+    trend = pd.read_csv(report_dir / TABLES_DIR / "sensitivity_rank_trend.csv")
+    assert (trend["rho"] > 0.9).all()  # the synthetic sensitivity grows with tokens
+    summary = (report_dir / "summary.md").read_text()
+    assert summary.startswith("# overtrain report: synthetic") and "![base_bpb](base_bpb.png)" in summary
+
+
+def probe_results_only() -> pd.DataFrame:
+    """Enough for a small, quick report: the probes of every checkpoint, no fine-tuning."""
+    results = synthetic_results()
+    return results[results["kind"] == "probe"]
+
+
+def test_rebuild_drops_stale_figures_and_shows_sharpness_once_measured(tmp_path):
+    out = tmp_path / "report"
+    out.mkdir()
+    (out / "old_figure.png").write_bytes(b"")
+    probes = probe_results_only()
+    base = probes[probes["metric"] == "bpb"]
+    sharpness = base.assign(metric="hessian_top_eig", value=lambda f: 10 * f["tokens"] ** 0.3)
+    write_report(pd.concat([probes, sharpness]), STUDY, out, n_boot=50)
+    page = (out / "index.html").read_text()
+    assert not (out / "old_figure.png").exists()
+    assert "<h2>Sharpness</h2>" in page and (out / "sharpness_hessian_top_eig.png").exists()
+    assert "No fine-tuning results yet" in page
+
+
+def test_benchmark_accuracy_appears_once_measured(tmp_path):
+    results = synthetic_results()
+    final = results[(results["metric"] == "ood_bpb") & (results["step"] == STEPS[-1])]
+    benchmark = final.assign(metric="bench_arc_acc", value=lambda f: 1 - f["value"] / 4)
+    small = pd.concat([results, benchmark])
+    small = small[small["schedule"] == "cosine"]
+    out = write_report(small, STUDY, tmp_path / "report", n_boot=50)
+    assert (out / "bench_arc_acc_math.png").exists() and "Benchmark arc" in (out / "index.html").read_text()
+
+
+def test_report_builds_from_a_run_folder_store(tmp_path):
+    from overtrain.analysis.report import build_report
+    from overtrain.study.runner import STORE_FILE
+    from overtrain.study.store import Store
+
+    store = Store(tmp_path / STORE_FILE)
+    cells = list(probe_results_only().groupby("cell"))
+    store.set_plan([(cell, rows["kind"].iloc[0]) for cell, rows in cells])
+    for cell, rows in cells:
+        store.set_plan_key(cell, cell)
+        store.start(cell, rows["kind"].iloc[0], cell, {})
+        store.finish(cell, rows["kind"].iloc[0], rows.to_dict("records"))
+    store.close()
+    (tmp_path / "study.json").write_text(json.dumps(STUDY))
+    out = build_report(tmp_path, n_boot=50)
+    page = (out / "index.html").read_text()
+    assert "<h2>Sensitivity to Gaussian perturbation</h2>" in page and page.count("<img ") == 3
+
+
+# -- in a real browser ----------------------------------------------------------------------
+
+# Appended to a copy of the page: after load, record every image's state and any error in the DOM.
+PROBE_SCRIPT = """
+<script>
+  window.__errors = [];
+  window.addEventListener("error", e => window.__errors.push(String(e.message || e.target.src || e)), true);
+  const originalError = console.error;
+  console.error = (...args) => { window.__errors.push(args.join(" ")); originalError(...args); };
+  window.addEventListener("load", () => {
+    const images = [...document.images];
+    const loaded = images.filter(img => img.complete && img.naturalWidth > 0).length;
+    const marker = document.createElement("pre");
+    marker.id = "probe";
+    marker.textContent = JSON.stringify({images: images.length, loaded: loaded, errors: window.__errors});
+    document.body.appendChild(marker);
+  });
+</script>
+"""
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--hide-scrollbars", "--enable-logging=stderr", "--v=0"]
+
+
+def chromium(page: Path, profile: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *extra, page.as_uri()],
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (apt-get install -y chromium)")
+def test_page_renders_in_chromium_with_every_image_loaded_and_no_console_error(report_dir, tmp_path):
+    probed = tmp_path / "probed.html"
+    probed.write_text((report_dir / "index.html").read_text().replace("</body>", PROBE_SCRIPT + "</body>"))
+    dom = chromium(probed, tmp_path / "profile", "--dump-dom")
+    marker = re.search(r'<pre id="probe">(.*?)</pre>', dom.stdout)
+    assert marker, dom.stderr[-2000:]
+    state = json.loads(marker.group(1).replace("&quot;", '"'))
+    assert state["images"] >= 8 and state["loaded"] == state["images"], state
+    assert state["errors"] == []
+    assert not re.search(r"CONSOLE.*(error|Uncaught)", dom.stderr, re.IGNORECASE)
+
+    # A screenshot of the top of the page, kept where a person can look at it.
+    shots = Path(os.environ.get("OVERTRAIN_SCREENSHOT_DIR", tmp_path))
+    shots.mkdir(parents=True, exist_ok=True)
+    screenshot = shots / "report_top.png"
+    chromium(report_dir / "index.html", tmp_path / "profile", f"--screenshot={screenshot}", "--window-size=1280,2000")
+    assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and screenshot.stat().st_size > 50_000
