@@ -16,3 +16,8 @@ def state_dict_sha256(state_dict: Mapping[str, torch.Tensor]) -> str:
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
         digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
     return digest.hexdigest()
+
+
+def weights_sha256(model: torch.nn.Module) -> str:
+    """The content hash of a model's weights (and buffers): key for cached evaluations."""
+    return state_dict_sha256(model.state_dict())
