@@ -36,18 +36,24 @@ def test_default_corpus_is_large_deduplicated_prose(corpus):
 
 def test_default_corpus_shares_no_13gram_with_tasks_or_benchmarks(corpus):
     index = contamination_index()
-    sample = random.Random(0).sample(corpus, 3000)
-    assert not any(index.overlaps(doc) for doc in sample)
+    sample = random.Random(0).sample(corpus, 3000)  # the builder checks them all
+    assert not index.overlaps(sample).any()
     # The index does catch a task text pasted into prose, whatever its case and punctuation.
     question = load_task("math").heldout[0].prompt.removeprefix("Question: ").removesuffix("\nAnswer:")
-    assert index.overlaps(f"{corpus[0]} {question.upper()}")
+    assert index.overlaps([corpus[0], f"{corpus[0]} {question.upper()}"]).tolist() == [False, True]
 
 
-def test_ngram_index_needs_thirteen_shared_words():
-    index = NgramIndex()
-    index.add("one two three four five six seven eight nine ten eleven twelve thirteen fourteen")
-    assert index.overlaps("Zero, ONE two three four five six seven eight nine ten eleven twelve thirteen!")
-    assert not index.overlaps("one two three four five six seven eight nine ten eleven twelve")
+def test_ngram_index_needs_thirteen_shared_words_inside_one_text():
+    index = NgramIndex(["one two three four five six seven eight nine ten eleven twelve thirteen fourteen"])
+    assert len(index) == 2
+    texts = [
+        "Zero, ONE two three four five six seven eight nine ten eleven twelve thirteen!",
+        "one two three four five six seven eight nine ten eleven twelve",
+        "four five six seven eight nine ten eleven twelve thirteen fourteen",
+        "fifteen",  # with the one above, 13 shared words in a row, but across two texts
+    ]
+    assert index.overlaps(texts).tolist() == [True, False, False, False]
+    assert not NgramIndex([]).overlaps(texts).any()
 
 
 def test_cached_corpus_is_reused_when_its_checksum_matches_and_rebuilt_when_not(corpus, tmp_path, monkeypatch):

@@ -29,11 +29,12 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -170,27 +171,58 @@ def _words(text: str) -> list[str]:
 
 
 class NgramIndex:
-    """Word 13-grams of a set of texts, to ask whether another text shares any.
+    """Word 13-grams of a set of texts, to ask which other texts share any.
 
-    Words become integer ids and an n-gram is the hash of its tuple of ids: integer
-    tuples hash the same in every Python process, unlike strings.
+    Words become integer ids and an n-gram becomes a 64-bit polynomial hash of its
+    ids, computed for all texts at once with numpy; n-grams that would straddle two
+    texts are left out. The same texts give the same hashes in every process.
     """
 
-    def __init__(self, n: int = NGRAM):
+    def __init__(self, texts: Iterable[str], n: int = NGRAM):
         self.n = n
-        self._ids: dict[str, int] = {}
-        self._hashes: set[int] = set()
+        self._word_ids: dict[str, int] = {}
+        hashes = np.sort(self._ngram_hashes(texts, add_words=True)[0])
+        first_of_its_value = np.ones(len(hashes), dtype=bool)
+        first_of_its_value[1:] = hashes[1:] != hashes[:-1]
+        self._hashes = hashes[first_of_its_value]  # sorted and unique, for searchsorted
 
     def __len__(self) -> int:
         return len(self._hashes)
 
-    def add(self, text: str) -> None:
-        ids = [self._ids.setdefault(word, len(self._ids)) for word in _words(text)]
-        self._hashes.update(hash(tuple(ids[i:i + self.n])) for i in range(len(ids) - self.n + 1))
+    def overlaps(self, texts: Sequence[str]) -> np.ndarray:
+        """One bool per text: does it share an n-gram with the indexed texts?"""
+        hashes, owners = self._ngram_hashes(texts, add_words=False)
+        shared = np.zeros(len(texts), dtype=bool)
+        if len(self._hashes):
+            positions = np.minimum(np.searchsorted(self._hashes, hashes), len(self._hashes) - 1)
+            shared[owners[self._hashes[positions] == hashes]] = True
+        return shared
 
-    def overlaps(self, text: str) -> bool:
-        ids = [self._ids.get(word, -1) for word in _words(text)]
-        return any(hash(tuple(ids[i:i + self.n])) in self._hashes for i in range(len(ids) - self.n + 1))
+    def _ngram_hashes(self, texts: Iterable[str], add_words: bool) -> tuple[np.ndarray, np.ndarray]:
+        """Hash of every n-gram inside a text, and the index of the text it is in."""
+        ids: list[int] = []
+        lengths: list[int] = []
+        known = self._word_ids
+        for text in texts:
+            words = _words(text)
+            if add_words:
+                ids.extend([known.setdefault(word, len(known)) for word in words])
+            else:  # a word the index never saw gets id -1: no n-gram holding it can match
+                ids.extend([known.get(word, -1) for word in words])
+            lengths.append(len(words))
+        starts = len(ids) - self.n + 1
+        if starts <= 0:
+            return np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=np.int64)
+        word_ids = np.asarray(ids, dtype=np.int64).view(np.uint64)
+        owner = np.repeat(np.arange(len(lengths)), lengths)
+        hashes = np.zeros(starts, dtype=np.uint64)
+        for k in range(self.n):  # arithmetic modulo 2**64: numpy integer arrays wrap
+            hashes = hashes * _HASH_BASE + word_ids[k:k + starts]
+        inside_one_text = owner[:starts] == owner[self.n - 1:]
+        return hashes[inside_one_text], owner[:starts][inside_one_text]
+
+
+_HASH_BASE = np.uint64(0x9E3779B97F4A7C15)  # odd, with well-mixed bits
 
 
 def contamination_texts() -> Iterator[str]:
@@ -214,10 +246,7 @@ def contamination_texts() -> Iterator[str]:
 
 
 def contamination_index() -> NgramIndex:
-    index = NgramIndex()
-    for text in contamination_texts():
-        index.add(text)
-    return index
+    return NgramIndex(contamination_texts())
 
 
 # -- building and caching the default corpus ------------------------------------------
@@ -248,9 +277,10 @@ def _build_default_corpus() -> tuple[list[str], dict]:
                 continue
             candidates.append((source.name, text))
     index = contamination_index()
+    contaminated = index.overlaps([text for _, text in candidates])
     documents, per_source = [], Counter()
-    for name, text in candidates:
-        if index.overlaps(text):
+    for (name, text), is_contaminated in zip(candidates, contaminated):
+        if is_contaminated:
             dropped[f"contaminated:{name}"] += 1
             continue
         documents.append(text)
