@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from overtrain.faults import fault_point
 from overtrain.hashing import state_dict_sha256
 
 MANIFEST = "overtrain.json"
@@ -47,6 +48,7 @@ def save_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    fault_point("checkpoint-saved")  # crash tests kill a run here, mid pre-training
     return manifest
 
 

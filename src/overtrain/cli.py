@@ -11,10 +11,12 @@ from importlib import resources
 from pathlib import Path
 
 import typer
+import yaml
 
 from overtrain.api import load_spec, report, run, status
 from overtrain.checkpoints import CheckpointError
 from overtrain.spec import SpecError
+from overtrain.study.runner import StudyStopped
 
 app = typer.Typer(
     help="Measure, explain and help avoid catastrophic overtraining: pre-train under controlled budgets and "
@@ -43,32 +45,49 @@ def run_command(
     study: Path = typer.Argument(..., help="Study file (YAML); see docs/STUDY.md for every key."),
     out: Path = typer.Option(None, help="Run folder; default runs/<study name>. An existing folder is resumed."),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Run again the cells that failed before."),
+    workers: int = typer.Option(1, min=0, help="Cells at once, each with cores/N torch threads; 0 runs them in this process."),
+    executor: str = typer.Option("local", help="local (worker processes on this machine) or ray."),
+    address: str = typer.Option(None, help="Ray cluster address (--executor ray); default: a local Ray instance. "
+                                           "The run folder must be on storage every node mounts."),
 ) -> None:
     """Run a study: pre-train, probe, fine-tune, report. Finished cells are never recomputed."""
-    _run(study, out, retry_failed)
+    _run(study, out, retry_failed, workers, executor, address)
 
 
-def _run(study: Path, out: Path | None, retry_failed: bool) -> None:
+def _run(study: Path, out: Path | None, retry_failed: bool, workers: int = 1, executor: str = "local",
+         address: str | None = None) -> None:
     try:
         spec = load_spec(study)
-        run_dir = run(spec, out or Path("runs") / spec.name, retry_failed=retry_failed)
-    except BAD_INPUT as err:
+        run_dir = run(spec, out or Path("runs") / spec.name, retry_failed=retry_failed, workers=workers,
+                      executor=executor, address=address)
+    except (*BAD_INPUT, StudyStopped) as err:
         _fail(err)
+    typer.echo(_counts_line(status(run_dir)))
     typer.echo(f"results: {run_dir / 'results.csv'}\nreport:  {run_dir / 'report' / 'summary.md'}")
 
 
 @app.command("status")
 def status_command(run_dir: Path = typer.Argument(..., help="A run folder.")) -> None:
-    """Cells of a run by status, and the errors of failed cells."""
+    """Cells of the run's current plan by kind and status, what remains, and the errors of failed cells."""
     try:
         cells = status(run_dir)
     except BAD_INPUT as err:
         _fail(err)
     counts = cells.groupby(["kind", "status"]).size().unstack(fill_value=0)
     typer.echo(counts.to_string())
+    typer.echo(_counts_line(cells))
     for _, failed in cells[cells["status"] == "failed"].iterrows():
         last_line = (failed["error"] or "").strip().splitlines()[-1:] or [""]
-        typer.echo(f"failed: {failed['label']}: {last_line[0]}")
+        typer.echo(f"failed: {failed['label']}: {last_line[0]}  (log: {run_dir / 'logs' / (failed['key'] + '.log')})")
+    for _, left in cells[~cells["status"].isin(["done", "diverged", "failed"])].head(20).iterrows():
+        typer.echo(f"{left['status']}: {left['label']}")
+
+
+def _counts_line(cells) -> str:
+    by_status = cells["status"].value_counts()
+    remaining = len(cells) - by_status.reindex(["done", "diverged"], fill_value=0).sum()
+    parts = ", ".join(f"{n} {name}" for name, n in by_status.items())
+    return f"{len(cells)} cells: {parts}; {remaining} remain"
 
 
 @app.command("report")
@@ -79,6 +98,42 @@ def report_command(run_dir: Path = typer.Argument(..., help="A run folder.")) ->
     except BAD_INPUT as err:
         _fail(err)
     typer.echo(f"report: {folder / 'summary.md'}")
+
+
+@app.command("theory")
+def theory_command(
+    study: Path = typer.Argument(None, help="A YAML file with a `theory:` section (e.g. examples/theory.yaml); defaults if omitted."),
+    out: Path = typer.Option(Path("runs/theory"), help="Folder for tables, plots and summary.md."),
+    set_: list[str] = typer.Option([], "--set", help="Override one key, e.g. --set misalignment=0.8 --set 'gammas=[0.1, 0.4]'."),
+) -> None:
+    """Simulate the two-layer linear network: incremental learning, progressive sensitivity, U-curves (seconds)."""
+    from overtrain.theory.linear import config_from_dict
+    from overtrain.theory.run import run_theory
+
+    try:
+        section = _yaml_section(study, "theory") if study else {}
+        for item in set_:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ValueError(f"--set {item!r}: expected KEY=VALUE")
+            section[key.strip()] = yaml.safe_load(value)
+        result = run_theory(config_from_dict(section), out)
+    except BAD_INPUT as err:
+        _fail(err)
+    typer.echo(result.summary())
+    typer.echo(f"\nplots and tables: {out}")
+
+
+def _yaml_section(path: Path, key: str) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: malformed YAML ({getattr(err, 'problem', err)})") from None
+    if not isinstance(data, dict) or not isinstance(data.get(key, {}), dict):
+        raise ValueError(f"{path}: `{key}` must be a mapping")
+    return dict(data.get(key) or {})
 
 
 @app.command("keys")

@@ -1,9 +1,14 @@
-"""The results store: one SQLite file per run folder.
+"""The results store: one SQLite file per run folder, written by one process only.
 
-`cells` keeps every unit of work by its content key with its status; `results`
-keeps tidy rows (one per cell and metric). A cell's rows and its `done` status are
-written in one transaction, so a kill at any moment leaves either all of a cell's
-results or none. WAL mode keeps readers (the report, `status`) off the writer's way.
+`cells` keeps every unit of work ever run in this folder by its content key, with
+its status (running, done, diverged, failed with the error text); `results` keeps
+tidy rows (one per cell and metric); `plan` is the current study's list of cells by
+label, with the key once it is known (a cell's key needs the weights it reads, so
+cells downstream of an unfinished pre-training run have none yet: they are pending).
+
+A cell's rows and its `done` status are written in one transaction, so a kill at any
+moment leaves either all of a cell's results or none. WAL mode keeps readers (the
+report, `status`) out of the writer's way.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ import time
 from pathlib import Path
 
 import pandas as pd
+
+from overtrain.faults import fault_point
 
 # Context columns every result row may carry; NULL where they do not apply.
 RESULT_COLUMNS = ("checkpoint", "weights", "schedule", "decayed", "tokens", "task", "lr", "gamma", "seed", "step")
@@ -29,6 +36,9 @@ CREATE TABLE IF NOT EXISTS results (
     {", ".join(RESULT_COLUMNS)}, metric TEXT NOT NULL, value REAL
 );
 CREATE INDEX IF NOT EXISTS results_cell ON results(cell);
+CREATE TABLE IF NOT EXISTS plan (
+    position INTEGER PRIMARY KEY, label TEXT NOT NULL UNIQUE, kind TEXT NOT NULL, key TEXT
+);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
@@ -52,6 +62,30 @@ class Store:
     def set_meta(self, key: str, value: str) -> None:
         self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
 
+    # -- the current plan -------------------------------------------------------
+    def set_plan(self, cells: list[tuple[str, str]]) -> None:
+        """Replace the plan by these (label, kind) pairs; keys are set as the run learns them."""
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            self.db.execute("DELETE FROM plan")
+            self.db.executemany("INSERT INTO plan (position, label, kind) VALUES (?, ?, ?)",
+                                [(i, label, kind) for i, (label, kind) in enumerate(cells)])
+
+    def set_plan_key(self, label: str, key: str) -> None:
+        self.db.execute("UPDATE plan SET key=? WHERE label=?", (key, label))
+
+    def plan_keys(self) -> list[str]:
+        return [key for (key,) in self.db.execute("SELECT key FROM plan WHERE key IS NOT NULL ORDER BY position")]
+
+    def plan_status(self) -> pd.DataFrame:
+        """The current plan, one row per cell: kind, label, key, status, error.
+
+        A cell whose key is unknown or that never started is `pending`.
+        """
+        return pd.read_sql_query(
+            "SELECT p.kind, p.label, p.key, COALESCE(c.status, 'pending') AS status, c.error, c.started, c.finished "
+            "FROM plan p LEFT JOIN cells c ON c.key = p.key ORDER BY p.position", self.db)
+
     # -- cells ------------------------------------------------------------------
     def status(self, key: str) -> str | None:
         row = self.db.execute("SELECT status FROM cells WHERE key=?", (key,)).fetchone()
@@ -71,6 +105,7 @@ class Store:
             self.db.execute("BEGIN IMMEDIATE")
             self.db.execute("DELETE FROM results WHERE cell=?", (key,))
             self.db.executemany(f"INSERT INTO results ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})", values)
+            fault_point("store-write")  # fault-injection tests die here, mid-transaction
             self.db.execute("UPDATE cells SET status=?, error=NULL, finished=? WHERE key=?", (status, time.time(), key))
 
     def fail(self, key: str, error: str) -> None:

@@ -1,0 +1,86 @@
+"""Checks of a study's inputs that the study file alone cannot show, made before anything is written.
+
+Each raises an error whose message is one line naming the key, file or folder at
+fault (the CLI prints it and exits with code 2).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from transformers import AutoTokenizer
+
+from overtrain.checkpoints import MANIFEST, CheckpointError, check_checkpoint_folder
+from overtrain.data.corpus import PreparedCorpus
+from overtrain.data.tasks import load_task
+from overtrain.spec import SpecError, StudySpec
+from overtrain.study.plan import Cell, trained_tokens
+
+# Pre-training may repeat its data at most this many times: up to ~4 epochs, repeated
+# tokens are worth almost as much as fresh ones (Muennighoff et al., 2023, "Scaling
+# data-constrained language models"); beyond that a budget measures memorisation.
+MAX_EPOCHS = 4
+
+# Sections of a study that decide what every stored result means: a run folder holds one of each.
+IDENTITY_SECTIONS = ("data", "tokenizer", "model")
+
+
+def check_run_folder(run_dir: Path, spec: StudySpec) -> None:
+    """The folder is new, or holds this study (or an edit of it that keeps its data, tokenizer and model)."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise SpecError(f"{run_dir}: output folder is a file")
+    saved = run_dir / "study.json"
+    if not saved.exists():
+        return
+    previous = json.loads(saved.read_text())
+    current = spec.model_dump(mode="json")
+    for section in IDENTITY_SECTIONS:
+        if previous.get(section) != current[section]:
+            raise SpecError(f"{run_dir}: holds a study with a different `{section}` section; use another --out folder")
+
+
+def check_documents(spec: StudySpec, train: list[str], heldout: list[str]) -> None:
+    for split, documents in (("training", train), ("held-out", heldout)):
+        if not any(doc.strip() for doc in documents):
+            raise SpecError(f"data.corpus: {spec.data.corpus}: the {split} split has no text")
+
+
+def check_corpus_size(spec: StudySpec, corpus: PreparedCorpus) -> None:
+    """Enough training tokens for the largest budget, enough held-out tokens for one sequence."""
+    available = len(corpus.train)
+    largest = trained_tokens(spec.pretrain.budgets[-1], spec)
+    if largest > MAX_EPOCHS * available:
+        raise SpecError(f"pretrain.budgets: the largest budget ({largest:,} tokens) is {largest / available:.1f} epochs "
+                        f"of the training split of {spec.data.corpus} ({available:,} tokens), more than the "
+                        f"{MAX_EPOCHS} allowed; use a larger corpus or smaller budgets")
+    if len(corpus.heldout) < spec.pretrain.seq_len:
+        raise SpecError(f"data.heldout_fraction: the held-out split of {spec.data.corpus} has {len(corpus.heldout)} "
+                        f"tokens, fewer than one sequence of pretrain.seq_len={spec.pretrain.seq_len}")
+
+
+def check_tasks(spec: StudySpec) -> None:
+    """Every fine-tuning task loads (a malformed task file fails here, naming its line)."""
+    for task in spec.finetune.tasks if spec.finetune else []:
+        load_task(task, seed=spec.seed)
+
+
+def check_checkpoints(cells: list[Cell], checkpoint_dir: Path, corpus: PreparedCorpus) -> None:
+    """Checkpoints already in the run folder are whole and speak the study's tokenizer.
+
+    Checkpoints are written atomically, so a finished one missing its weights or
+    config, or holding another tokenizer, was changed by hand: refuse to build on it.
+    """
+    vocabulary = corpus.tokenizer.get_vocab()
+    for name in sorted({ref.name for cell in cells for ref in cell.writes}):
+        folder = checkpoint_dir / name
+        if not (folder / MANIFEST).exists():
+            continue  # never finished: its pre-training cell writes it
+        check_checkpoint_folder(folder)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+        except (OSError, ValueError) as err:
+            raise CheckpointError(f"{folder}: tokenizer files do not load ({str(err).splitlines()[0]})") from None
+        if tokenizer.get_vocab() != vocabulary:
+            raise CheckpointError(f"{folder}: its tokenizer ({len(tokenizer)} tokens) does not match the study's "
+                                  f"({len(corpus.tokenizer)} tokens); use another --out folder")
