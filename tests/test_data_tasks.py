@@ -170,5 +170,12 @@ def test_jsonl_user_task_and_its_errors(tmp_path):
     path.write_text('{"prompt": "Q:", "completion": " A"}\nnot json\n')
     with pytest.raises(DataError, match=r"task\.jsonl: line 2: malformed JSON"):
         load_task(str(path))
+    path.write_text('{"prompt": "Q:", "completion": " A"}\n{"prompt": "q: ", "completion": " B"}\n')
+    with pytest.raises(DataError, match="1 distinct group"):
+        load_task(str(path))
     with pytest.raises(DataError, match="unknown"):
         load_task("no-such-task")
+    with pytest.raises(DataError, match="unknown option"):
+        load_task("math", strip_docstrings=True)
+    with pytest.raises(DataError, match="heldout_fraction=0"):
+        load_task("math", heldout_fraction=0)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import ast
 import gzip
 import hashlib
+import inspect
 import io
 import json
 import platform
@@ -99,6 +100,11 @@ def load_task(name: str, seed: int = 0, **opts) -> Task:
     else:
         raise DataError(f"task {name!r}: unknown (built-in: {', '.join(TASKS)}; or jsonl:PATH)")
     heldout_fraction = opts.pop("heldout_fraction", definition.heldout_fraction)
+    if not 0 < heldout_fraction < 1:
+        raise DataError(f"task {name!r}: heldout_fraction={heldout_fraction} must be between 0 and 1")
+    unknown = set(opts) - set(inspect.signature(definition.build).parameters)
+    if unknown:
+        raise DataError(f"task {name!r}: unknown option(s) {', '.join(sorted(unknown))}")
     train, heldout, metadata = definition.build(seed=seed, heldout_fraction=heldout_fraction, **opts)
     return Task(name, train, heldout, {"seed": seed, "heldout_fraction": heldout_fraction, **metadata})
 
@@ -112,6 +118,8 @@ def split_by_group(examples: list[T], groups: list[str], heldout_fraction: float
     """Seeded split in which every group (a normalized question, a passage, a module)
     lands wholly in train or wholly in held-out; each side keeps the original order."""
     unique = sorted(set(groups))
+    if len(unique) < 2:
+        raise DataError(f"{len(unique)} distinct group(s) (questions, passages or modules): at least 2 are needed to hold one out")
     random.Random(seed).shuffle(unique)
     n_heldout = min(max(1, round(len(unique) * heldout_fraction)), len(unique) - 1)
     heldout_groups = set(unique[:n_heldout])
