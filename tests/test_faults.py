@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 import yaml
-from tiny_study import checkpoint_hashes, comparable, run_in_subprocess, tiny_study
+from tiny_study import KILL_POINTS, checkpoint_hashes, comparable, run_in_subprocess, tiny_study
 
 from overtrain.spec import parse_spec
 from overtrain.study.execute import log_path
@@ -59,10 +59,6 @@ def test_killed_mid_pretraining_resumes_from_its_checkpoint(tmp_path, monkeypatc
     assert_same_as(tmp_path / "run", reference)
     key = study_status(tmp_path / "run").set_index("label").loc["pretrain constant", "key"]
     assert log_path(tmp_path / "run", key).read_text().count("== pretrain constant") == 2  # killed, then resumed
-
-
-# Each run of the chain dies at the next point; visits are counted from the start of that run.
-KILL_POINTS = ["checkpoint-saved#3", "cell-probe#2", "store-write#3", "cell-finetune#4", "store-write#1"]
 
 
 @pytest.mark.slow

@@ -28,6 +28,12 @@ def write_inputs(folder: Path) -> tuple[Path, Path]:
     return corpus, task
 
 
+# A chain of crashes for the fault tests: each run of the study dies at the next point
+# (visits counted from the start of that run): mid pre-training, at the start of a probe,
+# inside a result's transaction, at the start of a fine-tune, at the first result write.
+KILL_POINTS = ["checkpoint-saved#3", "cell-probe#2", "store-write#3", "cell-finetune#4", "store-write#1"]
+
+
 def tiny_study(folder: Path, **overrides) -> dict:
     """The study as a dict; its task file is named relative to `folder`, so run it from there."""
     corpus, task = write_inputs(folder)

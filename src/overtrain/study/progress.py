@@ -45,7 +45,7 @@ class StudyProgress:
         self._refresh()
 
     def note(self, message: str) -> None:
-        self.bar.write(message)
+        self.bar.write(message, file=self.bar.fp)
 
     def close(self) -> None:
         self.bar.close()

@@ -64,16 +64,18 @@ def run_study(spec: StudySpec, run_dir: str | Path, retry_failed: bool = False, 
     check_tasks(spec)
     check_checkpoints(cells, run_dir / "checkpoints", corpus)
 
-    with claimed_run_folder(run_dir, spec):
-        store = Store(run_dir / STORE_FILE)
-        runner = make_executor(executor, workers, address, spec.device)
-        try:
-            corpus_folder = corpus.folder if executor == "local" else _shared_copy(corpus, run_dir)
-            _StudyRun(spec, run_dir, corpus_folder, cells, store, runner, retry_failed).run()
-            export_tables(run_dir, store)
-        finally:
-            runner.close()
-            store.close()
+    runner = make_executor(executor, workers, address, spec.device)
+    try:
+        with claimed_run_folder(run_dir, spec):
+            store = Store(run_dir / STORE_FILE)
+            try:
+                corpus_folder = corpus.folder if executor == "local" else _shared_copy(corpus, run_dir)
+                _StudyRun(spec, run_dir, corpus_folder, cells, store, runner, retry_failed).run()
+                export_tables(run_dir, store)
+            finally:
+                store.close()
+    finally:
+        runner.close()
     if report:
         from overtrain.analysis.report import build_report
         build_report(run_dir)
