@@ -41,6 +41,7 @@ def status(run_dir: str | Path) -> pd.DataFrame:
     return study_status(run_dir)
 
 
-def report(run_dir: str | Path) -> Path:
-    """Rebuild `run_dir/report/` from the store."""
-    return build_report(run_dir)
+def report(run_dir: str | Path, task: str | None = None, tolerance_bpb: float = 0.05) -> Path:
+    """Rebuild `run_dir/report/` from the store; the recommendation is for `task` within
+    `tolerance_bpb` of forgetting (rise in held-out pre-training bpb)."""
+    return build_report(run_dir, task=task, tolerance_bpb=tolerance_bpb)

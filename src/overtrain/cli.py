@@ -91,13 +91,17 @@ def _counts_line(cells) -> str:
 
 
 @app.command("report")
-def report_command(run_dir: Path = typer.Argument(..., help="A run folder.")) -> None:
-    """Rebuild the report of a run folder from its results store alone."""
+def report_command(
+    run_dir: Path = typer.Argument(..., help="A run folder."),
+    task: str = typer.Option(None, help="Task the recommendation is for (default: the study's first task)."),
+    tolerance_bpb: float = typer.Option(0.05, help="Most forgetting allowed: rise in held-out pre-training bpb."),
+) -> None:
+    """Rebuild the report (report/index.html, summary.md, tables) of a run folder from its results store alone."""
     try:
-        folder = report(run_dir)
+        folder = report(run_dir, task=task, tolerance_bpb=tolerance_bpb)
     except BAD_INPUT as err:
         _fail(err)
-    typer.echo(f"report: {folder / 'summary.md'}")
+    typer.echo(f"report: {folder / 'index.html'}")
 
 
 @app.command("theory")

@@ -107,7 +107,13 @@ class FinetuneSpec(Section):
     weight_decay: Annotated[float, Field(ge=0)] = Field(0.0, description="AdamW weight decay during fine-tuning.")
     seeds: list[int] = Field([0], description="Fine-tuning seeds (data order); intervals are over these.")
     eval_every: Annotated[int, Field(ge=0)] = Field(20, description="Evaluate ID and OOD every k steps (0: only at the end).")
-    eval_examples: PositiveInt = Field(128, description="Held-out task examples used for ID metrics.")
+    eval_examples: PositiveInt = Field(128, description="Held-out task examples used for ID loss and bpb.")
+    accuracy_examples: Annotated[int, Field(ge=0)] = Field(
+        64, description="Held-out examples scored for ID accuracy before and after fine-tuning: choice log-likelihood "
+        "for qa/classify, exact match of the final number by greedy generation for math; 0 to skip.")
+    benchmarks: list[Literal["arc_easy", "arc_challenge", "piqa", "hellaswag", "sciq", "winogrande"]] = Field(
+        [], description="OOD benchmarks (multiple-choice log-likelihood, lm-eval style) scored before and after fine-tuning.")
+    benchmark_limit: PositiveInt = Field(100, description="Items per benchmark (the first N, a fixed subset).")
 
 
 class StudySpec(Section):

@@ -15,6 +15,8 @@ chooses what to show and says it in words. docs/REPORT.md explains how to read i
 
 from __future__ import annotations
 
+import re
+
 import json
 from pathlib import Path
 
@@ -135,7 +137,7 @@ class Report:
         for task in tasks:
             found = recommend(self.results, task, tolerance_bpb, self.n_boot, self.seed)
             section.paragraphs += describe_recommendation(found)
-            section.tables.append((f"recommendation_{task}", found.candidates.head(RECOMMENDATION_ROWS)))
+            section.tables.append((f"recommendation_{file_stem(task)}", found.candidates.head(RECOMMENDATION_ROWS)))
         section.paragraphs.append(
             f"Forgetting = pre-training-text bpb after fine-tuning minus the same checkpoint's bpb before it "
             f"(mean over seeds); tolerance +{tolerance_bpb:g} bpb. 'Best in x%' is how often a choice wins when "
@@ -195,10 +197,10 @@ class Report:
         id_label = _id_label(self.id_metric)
         ood_png = plots.panels_figure(ood_table, "lr", "LR", "pre-training text bpb after fine-tuning",
                                       f"Forgetting on {task}: pre-training text after fine-tuning at a fixed LR",
-                                      self.out / f"fixed_lr_ood_{task}.png", t_pre)
+                                      self.out / f"fixed_lr_ood_{file_stem(task)}.png", t_pre)
         id_png = plots.panels_figure(id_table, "lr", "LR", f"{id_label} after fine-tuning",
                                      f"Task performance on {task} after fine-tuning at a fixed LR",
-                                     self.out / f"fixed_lr_id_{task}.png", t_ft)
+                                     self.out / f"fixed_lr_id_{file_stem(task)}.png", t_ft)
         return Section(
             f"Fine-tuning on {task} at a fixed LR",
             ["Every checkpoint fine-tuned with the same hyper-parameters; values at the end of fine-tuning, "
@@ -207,8 +209,8 @@ class Report:
                     + describe_inflections(t_pre, "lr", "LR") + "."),
              Figure(id_png, f"{id_label.capitalize()} after fine-tuning. T_ft (the budget after which task performance "
                     "after fine-tuning gets worse): " + describe_inflections(t_ft, "lr", "LR") + ".")],
-            [(f"fixed_lr_ood_{task}", ood_table), (f"fixed_lr_id_{task}", id_table),
-             (f"inflection_T_pre_by_lr_{task}", t_pre), (f"inflection_T_ft_by_lr_{task}", t_ft)],
+            [(f"fixed_lr_ood_{file_stem(task)}", ood_table), (f"fixed_lr_id_{file_stem(task)}", id_table),
+             (f"inflection_T_pre_by_lr_{file_stem(task)}", t_pre), (f"inflection_T_ft_by_lr_{file_stem(task)}", t_ft)],
         )
 
     def tuned_lr(self, task: str) -> Section:
@@ -225,17 +227,17 @@ class Report:
         figures = [
             Figure(plots.tuned_figure(id_table, ood_table, f"{_id_label(self.id_metric)} after fine-tuning", found,
                                       f"{task} at the tuned LR (best task result per checkpoint)",
-                                      self.out / f"tuned_lr_{task}.png"),
+                                      self.out / f"tuned_lr_{file_stem(task)}.png"),
                    f"At each checkpoint's ID-optimal LR. T_ft: {describe_inflections(found['id'])}. "
                    f"T_pre: {describe_inflections(found['ood'])}."),
-            Figure(plots.lr_trend_figure(tuned, grid, f"ID-optimal LR on {task}", self.out / f"tuned_lr_trend_{task}.png"),
+            Figure(plots.lr_trend_figure(tuned, grid, f"ID-optimal LR on {task}", self.out / f"tuned_lr_trend_{file_stem(task)}.png"),
                    "The LR with the best task result, by tokens (grey lines: the LR grid). Trend of log LR* against "
                    "log tokens: " + "; ".join(f"{r.schedule}: {r.trend} (slope {r.slope:+.2f})"
                                               for r in trends.itertuples()) + "."),
         ]
-        section_tables = [(f"tuned_lr_{task}", tuned), (f"tuned_lr_id_{task}", id_table),
-                          (f"tuned_lr_ood_{task}", ood_table), (f"tuned_lr_trend_{task}", trends),
-                          (f"inflection_T_ft_tuned_{task}", found["id"]), (f"inflection_T_pre_tuned_{task}", found["ood"])]
+        section_tables = [(f"tuned_lr_{file_stem(task)}", tuned), (f"tuned_lr_id_{file_stem(task)}", id_table),
+                          (f"tuned_lr_ood_{file_stem(task)}", ood_table), (f"tuned_lr_trend_{file_stem(task)}", trends),
+                          (f"inflection_T_ft_tuned_{file_stem(task)}", found["id"]), (f"inflection_T_pre_tuned_{file_stem(task)}", found["ood"])]
         figures += self.matched_loss(task, section_tables)
         figures += self.benchmarks(task, tuned, section_tables)
         return Section(f"Fine-tuning on {task} at the tuned LR", [
@@ -254,23 +256,23 @@ class Report:
             png = plots.schedules_figure(across_checkpoints.rename(columns={"ood_loss_nats": "mean"}),
                                          "lowest pre-training text loss (nats)",
                                          f"Forgetting at matched task loss <= {tau:.3f} nats",
-                                         self.out / f"matched_loss_checkpoints_{task}.png")
+                                         self.out / f"matched_loss_checkpoints_{file_stem(task)}.png")
             figures.append(Figure(png, f"Each checkpoint's lowest pre-training-text loss among evaluations "
                                        f"(any LR, any step, seed means) whose task loss reached {tau:.3f} nats, the "
                                        "worst of the checkpoints' best task losses. " +
                                        "; ".join(f"{s}: {_first_last(c, 'ood_loss_nats')}"
                                                  for s, c in across_checkpoints.groupby("schedule")) + "."))
-            section_tables.append((f"matched_loss_checkpoints_{task}", across_checkpoints))
+            section_tables.append((f"matched_loss_checkpoints_{file_stem(task)}", across_checkpoints))
         if not across_lrs.empty:
             png = plots.matched_lr_figure(across_lrs, f"Large vs small LR at the same task loss ({task})",
-                                          self.out / f"matched_loss_lrs_{task}.png")
+                                          self.out / f"matched_loss_lrs_{file_stem(task)}.png")
             largest = across_lrs.loc[across_lrs.groupby("checkpoint")["lr"].idxmax()]
             figures.append(Figure(png, "Per checkpoint, each LR's pre-training-text loss where its (seed-mean) "
                                        "trajectory first reaches the task loss that all learning LRs reach, "
                                        "interpolated linearly between evaluations. The largest LR forgets "
                                        f"{largest['extra_vs_smallest_lr'].median():+.3f} nats vs the smallest "
                                        "(median over checkpoints)."))
-            section_tables.append((f"matched_loss_lrs_{task}", across_lrs))
+            section_tables.append((f"matched_loss_lrs_{file_stem(task)}", across_lrs))
         return figures
 
     def benchmarks(self, task: str, tuned: pd.DataFrame, section_tables: list) -> list[Figure]:
@@ -281,10 +283,10 @@ class Report:
             table = tables.mean_with_ci(points, ["schedule", "decayed", "tokens"])
             name = metric.removeprefix("bench_").removesuffix("_acc")
             png = plots.schedules_figure(table, f"{name} accuracy", f"{name} after fine-tuning on {task} (tuned LR)",
-                                         self.out / f"{metric}_{task}.png")
+                                         self.out / f"{metric}_{file_stem(task)}.png")
             changes = "; ".join(f"{s}: {_first_last(c, 'mean')}" for s, c in table.groupby("schedule"))
             figures.append(Figure(png, f"Benchmark {name} (higher is better) at the tuned LR. {changes}."))
-            section_tables.append((f"{metric}_{task}", table))
+            section_tables.append((f"{metric}_{file_stem(task)}", table))
         return figures
 
     # -- sections that appear once their data exist ----------------------------------------
@@ -395,6 +397,11 @@ def _first_last(curve: pd.DataFrame, column: str) -> str:
 
 def _id_label(metric: str) -> str:
     return "task accuracy" if metric == "id_acc" else "task held-out bpb"
+
+
+def file_stem(task: str) -> str:
+    """A task name made safe for a file name (user tasks are paths)."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(task).stem if task.endswith(".jsonl") else task).strip("_")
 
 
 def _task(frame: pd.DataFrame, task: str) -> pd.DataFrame:

@@ -16,8 +16,10 @@ import torch
 
 from overtrain.checkpoints import load_checkpoint, load_optimizer_state, read_manifest, save_checkpoint
 from overtrain.data.corpus import PreparedCorpus
-from overtrain.data.tasks import load_task, tokenize_examples
+from overtrain.data.benchmarks import evaluate_mc, load_benchmark
+from overtrain.data.tasks import Example, load_task, tokenize_examples
 from overtrain.models import ModelSize, build_model, init_stds, parameter_count
+from overtrain.probes.generation import math_exact_match, multiple_choice_accuracy
 from overtrain.probes.loss import heldout_metrics
 from overtrain.probes.perturb import gaussian_sensitivity
 from overtrain.schedules import Schedule
@@ -54,6 +56,8 @@ class StudyContext:
                 train=tokenize_examples(task.train, self.corpus.tokenizer, ft.seq_len),
                 heldout=tokenize_examples(task.heldout[: ft.eval_examples], self.corpus.tokenizer, ft.seq_len),
                 pad_id=self.corpus.tokenizer.pad_token_id,
+                scored=task.heldout[: ft.accuracy_examples],
+                name=task.name,
             )
         return self._tasks[name]
 
@@ -63,6 +67,18 @@ class TokenizedTask:
     train: list[dict]     # {"input_ids": [...], "labels": [...]} with the prompt masked
     heldout: list[dict]
     pad_id: int
+    scored: list[Example]  # held-out examples scored for accuracy
+    name: str
+
+    def accuracy(self, model, tokenizer) -> dict[str, float]:
+        """`id_acc` where it means something: choice log-likelihood, or math exact match."""
+        if not self.scored:
+            return {}
+        if all(e.choices for e in self.scored):
+            return {"id_acc": multiple_choice_accuracy(model, tokenizer, self.scored)}
+        if self.name == "math":
+            return {"id_acc": math_exact_match(model, tokenizer, self.scored)}
+        return {}
 
     def batches(self, batch_size: int, seed: int) -> Iterator[dict[str, torch.Tensor]]:
         """Endless seeded batches of training examples, reshuffled every epoch."""
@@ -182,7 +198,7 @@ def checkpoint_columns(cfg: dict, folder: Path) -> dict:
 def run_finetune(cell: Cell, key: str, ctx: StudyContext) -> list[dict]:
     cfg = cell.config
     folder = ctx.checkpoint_dir / cfg["checkpoint"]
-    model, _ = load_checkpoint(folder, device=ctx.device)
+    model, tokenizer = load_checkpoint(folder, device=ctx.device)
     columns = {**checkpoint_columns(cfg, folder), "task": cfg["task"], "lr": cfg["lr"], "seed": cfg["seed"]}
     task = ctx.task_data(cfg["task"])
     id_batches = task.heldout_batches(cfg["eval"]["batch_size"])
@@ -194,14 +210,23 @@ def run_finetune(cell: Cell, key: str, ctx: StudyContext) -> list[dict]:
         return {"id_loss_nats": task_metrics["loss_nats"], "id_bpb": task_metrics["bpb"],
                 "ood_loss_nats": text_metrics["loss_nats"], "ood_bpb": text_metrics["bpb"]}
 
+    def capabilities(m: torch.nn.Module) -> dict[str, float]:
+        """Slower measures, taken before and after fine-tuning only."""
+        scores = task.accuracy(m, tokenizer)
+        for name in cfg["benchmarks"]:
+            result = evaluate_mc(m, tokenizer, load_benchmark(name), limit=cfg["benchmark_limit"])
+            scores |= {f"bench_{name}_acc": result["acc"], f"bench_{name}_acc_norm": result["acc_norm"]}
+        return scores
+
     torch.manual_seed(cfg["seed"])
     config = TrainConfig(steps=cfg["steps"], weight_decay=cfg["weight_decay"],
                          schedule=Schedule("linear", cfg["lr"], cfg["steps"], cfg["warmup_steps"]))
-    before = {"step": 0, **evaluate(model)}
+    before = {"step": 0, **evaluate(model), **capabilities(model)}
     result = train(model, task.batches(cfg["batch_size"], cfg["seed"]), config, evaluate=evaluate,
                    evaluate_every=cfg["eval_every"], description=cell.label)
+    after = {"step": result.steps_done, **capabilities(model)}
     rows = [{"step": ev["step"], "metric": name, "value": value}
-            for ev in [before, *result.evaluations] for name, value in ev.items() if name != "step"]
+            for ev in [before, *result.evaluations, after] for name, value in ev.items() if name != "step"]
     if result.diverged:
         rows.append({"metric": "diverged_at_step", "value": result.diverged_at_step})
     rows.append({"metric": "train_loss_nats", "step": result.steps_done, "value": result.last_loss})

@@ -72,6 +72,8 @@ def run_study(spec: StudySpec, run_dir: str | Path, retry_failed: bool = False, 
                 corpus_folder = corpus.folder if executor == "local" else _shared_copy(corpus, run_dir)
                 _StudyRun(spec, run_dir, corpus_folder, cells, store, runner, retry_failed).run()
                 export_tables(run_dir, store)
+                if spec.theory is not None:  # seconds of NumPy: recomputed, not cached
+                    run_theory(config_from_dict(spec.theory), run_dir / "theory")
             finally:
                 store.close()
     finally:
