@@ -50,7 +50,7 @@ def tiny_study(folder: Path, **overrides) -> dict:
                      "eval_every": 1, "eval_examples": 4},
     }
     for section, values in overrides.items():
-        study[section] = {**study[section], **values} if isinstance(values, dict) else values
+        study[section] = {**study.get(section, {}), **values} if isinstance(values, dict) else values
     return study
 
 

@@ -97,6 +97,19 @@ class SensitivitySpec(Section):
     seeds: list[int] = Field([0, 1, 2], description="Noise seeds per gamma; intervals are over these.")
 
 
+class SharpnessSpec(Section):
+    """Curvature of the held-out pre-training loss at every checkpoint (and along every fine-tuning update)."""
+
+    tokens: PositiveInt = Field(4096, description="Held-out tokens (the first ones, always the same) the Hessian is taken over.")
+    top_k: PositiveInt = Field(1, description="Top Hessian eigenvalues by Lanczos.")
+    tol: PositiveFloat = Field(1e-3, description="Relative tolerance of the Lanczos eigenvalues.")
+    trace_hvps: Annotated[int, Field(ge=0)] = Field(20, description="Hessian-vector products for the Hutchinson trace; 0 to skip.")
+    kl_gamma: PositiveFloat = Field(0.5, description="Noise size (in init stds) of the KL sharpness proxy.")
+    kl_seeds: list[int] = Field([0, 1, 2], description="Noise seeds of the KL proxy.")
+    along_update: bool = Field(True, description="After each fine-tune: curvature along the update u, the predicted "
+                               "forgetting 0.5 u^T H u beside the observed one, and parameter drift.")
+
+
 class FinetuneSpec(Section):
     tasks: list[str] = Field(["math"], description="Fine-tuning tasks by name (see `overtrain tasks`), or jsonl files with prompt/completion.")
     lrs: list[PositiveFloat] = Field([1e-4, 3e-4, 1e-3], description="Fine-tuning learning-rate grid (peak, AdamW).")
@@ -126,6 +139,8 @@ class StudySpec(Section):
     pretrain: PretrainSpec = Field(description="Controlled pre-training.")
     eval: EvalSpec = Field(default_factory=EvalSpec, description="Held-out evaluation of every model.")
     sensitivity: SensitivitySpec | None = Field(default_factory=SensitivitySpec, description="Gaussian perturbation probe; null to skip.")
+    sharpness: SharpnessSpec | None = Field(None, description="Sharpness probes (Hessian top eigenvalue and trace, KL "
+                                            "proxy, critical sharpness); null to skip.")
     finetune: FinetuneSpec | None = Field(default_factory=FinetuneSpec, description="Fine-tuning sweep; null to skip.")
     theory: dict | None = Field(None, description="The linear-network theory simulation (keys in docs/THEORY.md and "
                                 "examples/theory.yaml); null to skip, {} for its defaults.")

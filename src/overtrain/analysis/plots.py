@@ -172,3 +172,21 @@ def matched_lr_figure(table: pd.DataFrame, title: str, path: Path) -> Path:
     """OOD loss at a shared ID loss against tokens, a panel per schedule, a line per LR."""
     return panels_figure(table.rename(columns={"ood_loss_nats": "mean"}), "lr", "LR",
                          "pre-training text loss (nats)\nat matched task loss", title, path)
+
+
+def scatter_figure(points: pd.DataFrame, x: str, y: str, xlabel: str, ylabel: str, title: str, path: Path,
+                   diagonal: bool = False) -> Path:
+    """One point per row, in its schedule's color and marker; `diagonal` draws y = x."""
+    fig, ax = plt.subplots(figsize=(PANEL_SIZE[0] * 1.3, PANEL_SIZE[1] * 1.1))
+    for schedule, group in points.groupby("schedule"):
+        color, _, marker, label = schedule_style(schedule)
+        ax.scatter(group[x], group[y], color=color, marker=marker, s=28, alpha=0.8, label=label)
+    if diagonal:
+        low, high = np.nanmin(points[[x, y]].to_numpy()), np.nanmax(points[[x, y]].to_numpy())
+        ax.plot([low, high], [low, high], ":", color="black", lw=1, label="predicted = observed")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    _legend(ax)
+    return save(fig, path)

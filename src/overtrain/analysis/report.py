@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 
 from overtrain.analysis import curves, page, plots, tables
 from overtrain.analysis.page import Figure, Section
@@ -305,7 +306,36 @@ class Report:
             section.figures.append(Figure(png, f"{label} by tokens. Rank correlation with tokens: "
                                                + describe_trends(trends, "gamma" if has_gamma else None) + "."))
             section.tables += [(f"sharpness_{metric}", table), (f"sharpness_{metric}_rank_trend", trends)]
+            section.figures += self.sharpness_and_forgetting(metric, label, section.tables)
+        section.figures += self.forgetting_prediction(section.tables)
         return section
+
+    def sharpness_and_forgetting(self, metric: str, label: str, section_tables: list) -> list[Figure]:
+        """Do sharper checkpoints forget more? One point per checkpoint, task and LR."""
+        points = tables.sharpness_vs_forgetting(self.results, metric)
+        if len(points) < 3:
+            return []
+        rho, p_value = stats.spearmanr(points[metric], points["forgetting_bpb"])
+        png = plots.scatter_figure(points, metric, "forgetting_bpb", label, "forgetting: rise in held-out bpb",
+                                   f"{label} vs forgetting after fine-tuning", self.out / f"sharpness_vs_forgetting_{metric}.png")
+        section_tables.append((f"sharpness_vs_forgetting_{metric}", points))
+        return [Figure(png, f"Each point: one checkpoint fine-tuned on one task at one LR (mean over seeds). "
+                            f"Spearman correlation of {label} with forgetting: {rho:.2f} (p = {p_value:.2g}, n = {len(points)}).")]
+
+    def forgetting_prediction(self, section_tables: list) -> list[Figure]:
+        """The quadratic model along the update against the loss rise it predicts."""
+        points = tables.predicted_vs_observed(self.results)
+        if len(points) < 2:
+            return []
+        png = plots.scatter_figure(points, "predicted_total_nats", "observed_forgetting_nats",
+                                   "predicted rise g.u + 0.5 u'Hu (nats/token)", "observed rise (nats/token)",
+                                   "Forgetting predicted by curvature along the update", self.out / "forgetting_predicted.png",
+                                   diagonal=True)
+        section_tables.append(("forgetting_predicted", points))
+        rho = stats.spearmanr(points["predicted_total_nats"], points["observed_forgetting_nats"])[0]
+        return [Figure(png, f"One point per fine-tuning run: the second-order Taylor model of the held-out loss at the "
+                            f"base weights, evaluated at the fine-tuned weights, against the measured rise. "
+                            f"Spearman correlation {rho:.2f} over {len(points)} runs.")]
 
     def theory(self) -> Section:
         """The linear-network theory's figures and summary, as `overtrain.theory.run.run_theory` wrote them."""

@@ -105,3 +105,30 @@ def trajectories(results: pd.DataFrame) -> pd.DataFrame:
 def diverged_runs(results: pd.DataFrame) -> pd.DataFrame:
     rows = results[results["metric"] == "diverged_at_step"]
     return rows[["kind", "checkpoint", "task", "lr", "seed", "value"]].rename(columns={"value": "diverged_at_step"})
+
+
+def forgetting_points(results: pd.DataFrame) -> pd.DataFrame:
+    """Per fine-tuning run: the rise of held-out pre-training bpb from step 0 to the end."""
+    start = finetune_start(results).query("metric == 'ood_bpb'").set_index("cell")["value"]
+    final = finetune_final(results).query("metric == 'ood_bpb'").set_index("cell")
+    final = final.assign(forgetting_bpb=final["value"] - start.reindex(final.index))
+    return final[[*CHECKPOINT_COLUMNS, "task", "lr", "seed", "forgetting_bpb"]].reset_index()
+
+
+def sharpness_vs_forgetting(results: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """Each checkpoint's sharpness beside the mean forgetting of its fine-tunes (per task and LR)."""
+    sharpness = probe_points(results, metric).groupby("checkpoint")["value"].mean().rename(metric)
+    forgetting = (forgetting_points(results).groupby([*CHECKPOINT_COLUMNS, "task", "lr"], dropna=False)["forgetting_bpb"]
+                  .mean().reset_index())
+    return forgetting.join(sharpness, on="checkpoint").dropna(subset=[metric, "forgetting_bpb"])
+
+
+def predicted_vs_observed(results: pd.DataFrame) -> pd.DataFrame:
+    """Per fine-tuning run: forgetting predicted along the update (nats) beside the observed rise."""
+    rows = results[(results["kind"] == "finetune") & results["metric"].isin(
+        ["predicted_forgetting_nats", "first_order_term_nats", "observed_forgetting_nats"])]
+    wide = rows.pivot_table(index=["cell", *CHECKPOINT_COLUMNS, "task", "lr", "seed"], columns="metric",
+                            values="value", dropna=False).reset_index()
+    if wide.empty:
+        return wide
+    return wide.assign(predicted_total_nats=wide["predicted_forgetting_nats"] + wide["first_order_term_nats"])

@@ -19,9 +19,12 @@ from overtrain.data.corpus import PreparedCorpus
 from overtrain.data.benchmarks import evaluate_mc, load_benchmark
 from overtrain.data.tasks import Example, load_task, tokenize_examples
 from overtrain.models import ModelSize, build_model, init_stds, parameter_count
+from overtrain.probes.curvature import causal_lm_objective, forgetting_prediction, hessian_eigenvalues, hessian_trace
+from overtrain.probes.drift import parameter_drift
 from overtrain.probes.generation import math_exact_match, multiple_choice_accuracy
 from overtrain.probes.loss import heldout_metrics
 from overtrain.probes.perturb import gaussian_sensitivity
+from overtrain.probes.sharpness import critical_sharpness, kl_sharpness
 from overtrain.schedules import Schedule
 from overtrain.spec import StudySpec
 from overtrain.study.plan import Cell
@@ -44,6 +47,10 @@ class StudyContext:
     def heldout_batches(self) -> list[dict[str, torch.Tensor]]:
         ev = self.spec.eval
         return self.corpus.heldout_batches(ev.batch_size, self.spec.pretrain.seq_len, ev.heldout_tokens)
+
+    def curvature_batches(self, tokens: int) -> list[dict[str, torch.Tensor]]:
+        """The first `tokens` held-out tokens: the fixed set every curvature probe uses."""
+        return self.corpus.heldout_batches(self.spec.eval.batch_size, self.spec.pretrain.seq_len, tokens)
 
     def pretraining_metrics(self, model: torch.nn.Module) -> dict[str, float]:
         return heldout_metrics(model, self.heldout_batches, self.corpus.byte_lengths)
@@ -185,7 +192,40 @@ def run_probe(cell: Cell, key: str, ctx: StudyContext) -> list[dict]:
             for metric in ("loss_nats", "bpb"):
                 rows.append({"gamma": entry["gamma"], "seed": entry["seed"], "metric": f"perturbed_{metric}", "value": entry[metric]})
                 rows.append({"gamma": entry["gamma"], "seed": entry["seed"], "metric": f"delta_{metric}", "value": entry[f"delta_{metric}"]})
+    if cfg["sharpness"]:
+        rows += sharpness_rows(model, ctx.curvature_batches(cfg["sharpness"]["tokens"]), cfg["sharpness"])
     return [{**checkpoint_columns(cfg, folder), **row} for row in rows]
+
+
+def sharpness_rows(model: torch.nn.Module, batches: list[dict], options: dict) -> list[dict]:
+    """Top Hessian eigenvalues, trace, KL proxy and critical sharpness of the held-out loss."""
+    objective = causal_lm_objective(model, batches)
+    eigen = hessian_eigenvalues(objective, k=options["top_k"], tol=options["tol"])
+    rows = [{"metric": "hessian_top_eig", "value": eigen.eigenvalues[0]},
+            {"metric": "hessian_eig_residual", "value": eigen.residuals[0]},
+            {"metric": "hessian_eig_hvps", "value": eigen.hvp_count}]
+    rows += [{"metric": f"hessian_eig_{rank}", "value": value} for rank, value in enumerate(eigen.eigenvalues[1:], start=2)]
+    if options["trace_hvps"]:
+        trace = hessian_trace(objective, n_hvps=options["trace_hvps"])
+        rows += [{"metric": "hessian_trace", "value": trace.trace}, {"metric": "hessian_trace_se", "value": trace.standard_error}]
+    kl = kl_sharpness(model, batches, options["kl_gamma"], options["kl_seeds"], stds=init_stds(model))
+    rows += [{"metric": "kl_sharpness", "gamma": kl.gamma, "value": kl.mean},
+             {"metric": "kl_sharpness_se", "gamma": kl.gamma, "value": kl.standard_error},
+             {"metric": "critical_sharpness", "value": critical_sharpness(objective).sharpness}]
+    return rows
+
+
+def update_rows(base: torch.nn.Module, finetuned: torch.nn.Module, batches: list[dict]) -> list[dict]:
+    """Forgetting predicted by the curvature along the fine-tuning update, beside the observed one, and drift."""
+    prediction = forgetting_prediction(base, finetuned, batches)
+    along = prediction.along_update
+    drift = parameter_drift(base, finetuned)
+    return [{"metric": "curvature_along_u", "value": along.curvature},
+            {"metric": "predicted_forgetting_nats", "value": along.second_order_nats},
+            {"metric": "first_order_term_nats", "value": along.first_order_nats},
+            {"metric": "observed_forgetting_nats", "value": prediction.observed_forgetting_nats},
+            {"metric": "param_drift_l2", "value": drift.distance},
+            {"metric": "param_drift_relative", "value": drift.relative}]
 
 
 def checkpoint_columns(cfg: dict, folder: Path) -> dict:
@@ -227,6 +267,10 @@ def run_finetune(cell: Cell, key: str, ctx: StudyContext) -> list[dict]:
     after = {"step": result.steps_done, **capabilities(model)}
     rows = [{"step": ev["step"], "metric": name, "value": value}
             for ev in [before, *result.evaluations, after] for name, value in ev.items() if name != "step"]
+    if cfg["sharpness"] and cfg["sharpness"]["along_update"] and not result.diverged:
+        base, _ = load_checkpoint(folder, device=ctx.device)
+        rows += [{"step": result.steps_done, **row}
+                 for row in update_rows(base, model, ctx.curvature_batches(cfg["sharpness"]["tokens"]))]
     if result.diverged:
         rows.append({"metric": "diverged_at_step", "value": result.diverged_at_step})
     rows.append({"metric": "train_loss_nats", "step": result.steps_done, "value": result.last_loss})

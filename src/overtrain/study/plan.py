@@ -58,7 +58,7 @@ def plan_study(spec: StudySpec) -> list[Cell]:
                     for seed in ft.seeds:
                         config = {**_checkpoint_context(ref), "task": task, "lr": lr, "seed": seed,
                                   **ft.model_dump(exclude={"tasks", "lrs", "seeds"}),
-                                  "eval": spec.eval.model_dump()}
+                                  "eval": spec.eval.model_dump(), "sharpness": _sharpness(spec)}
                         cells.append(Cell("finetune", f"finetune {ref.name} {task} lr={lr:g} seed={seed}", config, reads=ref.name))
     return cells
 
@@ -101,7 +101,11 @@ def _branch_point(budget: int, spec: StudySpec) -> int:
 
 def _probe_config(spec: StudySpec, ref: CheckpointRef) -> dict:
     return {**_checkpoint_context(ref), "eval": spec.eval.model_dump(),
-            "sensitivity": spec.sensitivity.model_dump() if spec.sensitivity else None}
+            "sensitivity": spec.sensitivity.model_dump() if spec.sensitivity else None, "sharpness": _sharpness(spec)}
+
+
+def _sharpness(spec: StudySpec) -> dict | None:
+    return spec.sharpness.model_dump() if spec.sharpness else None
 
 
 def _checkpoint_context(ref: CheckpointRef) -> dict:
