@@ -274,16 +274,21 @@ class HessianEigen:
 
 
 def hessian_eigenvalues(objective: Objective, k: int = 1, tol: float = 1e-4, seed: int = 0,
-                        max_restarts: int | None = None) -> HessianEigen:
+                        ncv: int | None = None, max_restarts: int | None = None) -> HessianEigen:
     """Top-k eigenvalues (largest algebraic) by implicitly restarted Lanczos (ARPACK).
 
-    `tol` is ARPACK's relative accuracy on the Ritz values; the start vector is a
-    seeded Gaussian, so the same seed gives the same numbers.
+    `tol` is ARPACK's relative accuracy on the Ritz values (the eigenvalues come out
+    far more accurate: their error is of the order of the squared residual). `ncv`,
+    the Lanczos basis size, defaults to max(2k + 1, 8): scipy's default of 20 spends
+    20 HVPs before its first convergence check, where 9-12 HVPs reach 1e-6 on the
+    benchmark model. The start vector is a seeded Gaussian: same seed, same numbers.
     """
     operator = HessianOperator(objective)
-    start_vector = np.random.default_rng(seed).standard_normal(operator.shape[0])
+    dimension = operator.shape[0]
+    ncv = min(dimension, max(2 * k + 1, 8)) if ncv is None else ncv
+    start_vector = np.random.default_rng(seed).standard_normal(dimension)
     started = time.perf_counter()
-    values, vectors = eigsh(operator, k=k, which="LA", tol=tol, v0=start_vector, maxiter=max_restarts)
+    values, vectors = eigsh(operator, k=k, which="LA", tol=tol, v0=start_vector, ncv=ncv, maxiter=max_restarts)
     seconds = time.perf_counter() - started
     hvp_count = operator.hvp_count
     order = np.argsort(values)[::-1]
