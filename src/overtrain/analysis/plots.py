@@ -190,3 +190,24 @@ def scatter_figure(points: pd.DataFrame, x: str, y: str, xlabel: str, ylabel: st
     ax.grid(alpha=0.3)
     _legend(ax)
     return save(fig, path)
+
+
+def trade_off_figure(table: pd.DataFrame, id_label: str, title: str, path: Path) -> Path:
+    """A panel per schedule: ID (y) against OOD bpb (x), one curve per mitigation through the checkpoints."""
+    schedules = sorted(table["schedule"].unique())
+    variants = list(dict.fromkeys(table["mitigation"]))
+    colors = dict(zip(variants, plt.cm.tab10(np.arange(len(variants)) % 10)))
+    fig, axes = plt.subplots(1, len(schedules), figsize=(PANEL_SIZE[0] * 1.3 * len(schedules), PANEL_SIZE[1] * 1.2),
+                             squeeze=False)
+    for ax, schedule in zip(axes[0], schedules):
+        for variant, curve in table[table["schedule"] == schedule].groupby("mitigation", sort=False):
+            curve = curve.sort_values("tokens")
+            sizes = 12 + 50 * np.linspace(0, 1, len(curve))
+            ax.plot(curve["mean_ood"], curve["mean_id"], "-", color=colors[variant], lw=1.2, label=variant)
+            ax.scatter(curve["mean_ood"], curve["mean_id"], s=sizes, color=colors[variant], zorder=3)
+        ax.set_xlabel("pre-training text bpb after fine-tuning (lower: less forgetting)")
+        ax.set_ylabel(id_label)
+        ax.set_title(f"{title} ({schedule})", fontsize=10)
+        ax.grid(alpha=0.3)
+        _legend(ax)
+    return save(fig, path)

@@ -5,8 +5,10 @@ end minus the same run's `ood_bpb` at step 0, i.e. the base checkpoint's own bpb
 the same held-out text. A (checkpoint, LR) pair is *within tolerance* when its mean
 forgetting over seeds is at most `tolerance_bpb`; pairs with a diverged seed are
 never recommended. Among pairs within tolerance, the best has the best mean final
-task metric: `id_acc` (higher is better) when the runs measured it, else `id_bpb`
-(lower is better).
+task metric: `id_acc` (higher is better) when the runs measured it and it tells
+runs apart (some run reaches at least MIN_INFORMATIVE_ACC), else `id_bpb` (lower
+is better): tiny models score ~0 exact match on math, and a choice among zeros
+would be a choice by forgetting alone.
 
 How sure: seeds are redrawn with replacement for every pair (independently) and the
 choice is made again; `p_best` is the fraction of resamples in which a pair is
@@ -47,9 +49,14 @@ class Recommendation:
         return self.candidates[self.candidates["within_tolerance"]].iloc[1: 1 + RUNNERS_UP]
 
 
+MIN_INFORMATIVE_ACC = 0.1
+
+
 def id_metric_for(final: pd.DataFrame) -> tuple[str, bool]:
-    """The task metric to optimize and whether higher is better: accuracy where measured."""
-    return ("id_acc", True) if (final["metric"] == "id_acc").any() else ("id_bpb", False)
+    """The task metric to optimize and whether higher is better: accuracy where it is informative."""
+    accuracy = final.loc[final["metric"] == "id_acc", "value"]
+    informative = len(accuracy) and accuracy.max() >= MIN_INFORMATIVE_ACC and accuracy.nunique() > 1
+    return ("id_acc", True) if informative else ("id_bpb", False)
 
 
 def run_outcomes(results: pd.DataFrame, task: str) -> tuple[pd.DataFrame, str, bool]:

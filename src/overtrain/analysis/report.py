@@ -27,7 +27,7 @@ from scipy import stats
 from overtrain.analysis import curves, page, plots, tables
 from overtrain.analysis.page import Figure, Section
 from overtrain.analysis.plots import short_tokens
-from overtrain.analysis.recommend import DEFAULT_TOLERANCE_BPB, Recommendation, recommend
+from overtrain.analysis.recommend import DEFAULT_TOLERANCE_BPB, Recommendation, id_metric_for, recommend
 
 SHARPNESS_METRICS = {  # probe metric -> axis label
     "hessian_top_eig": "top Hessian eigenvalue",
@@ -110,11 +110,13 @@ class Report:
     """Builds the sections of one run's report; each method is one section."""
 
     def __init__(self, results: pd.DataFrame, out: Path, n_boot: int, seed: int, theory_dir: Path | None = None):
+        # Every section but the mitigations one compares plain fine-tunes only.
+        self.with_mitigations = results
+        results = tables.plain(results)
         self.results, self.out, self.n_boot, self.seed, self.theory_dir = results, out, n_boot, seed, theory_dir
         final = tables.finetune_final(results)
         self.tasks = sorted(final["task"].dropna().unique())
-        self.id_metric, self.id_higher_is_better = ("id_acc", True) if (final["metric"] == "id_acc").any() \
-            else ("id_bpb", False)
+        self.id_metric, self.id_higher_is_better = id_metric_for(final)
 
     def sections(self, task: str | None, tolerance_bpb: float) -> list[Section]:
         return [
@@ -349,14 +351,40 @@ class Report:
         return Section("Theory: two-layer linear network", paragraphs, figures)
 
     def mitigations(self) -> Section:
-        """Fine-tuning runs that carry a `mitigation` column: final ID and OOD per mitigation."""
-        if "mitigation" not in self.results or self.results["mitigation"].isna().all():
+        """Per mitigation, at each checkpoint's tuned LR: task result against forgetting, and where T_pre lands."""
+        variants = tables.mitigations_present(self.with_mitigations)
+        if len(variants) < 2:
             return Section("Mitigations")
-        final = tables.finetune_final(self.results)
-        final = final[final["metric"].isin([self.id_metric, "ood_bpb"])]
-        table = tables.mean_with_ci(final, ["mitigation", "schedule", "task", "lr", "tokens", "metric"])
-        return Section("Mitigations", ["Final task metric and pre-training-text bpb per mitigation "
-                                       "(mean and 95% interval over seeds)."], tables=[("mitigations", table)])
+        section = Section("Mitigations", ["Each mitigation at each checkpoint's ID-optimal LR (mean over seeds). "
+                                          "A curve that sits lower and further left keeps more of pre-training for "
+                                          "the same task result; T_pre is where forgetting starts to grow with tokens."])
+        for task in self.tasks:
+            tuned_rows, found = [], []
+            for variant in variants:
+                results = tables.only_mitigation(self.with_mitigations, variant)
+                task_metric = _task(tables.final_points(results, self.id_metric), task)
+                ood = _task(tables.final_points(results, "ood_bpb"), task)
+                if task_metric.empty:
+                    continue
+                tuned = curves.tuned_lr(task_metric, self.id_higher_is_better)
+                id_table = tables.mean_with_ci(curves.tuned_points(task_metric, tuned), ["schedule", "tokens"])
+                ood_at = curves.tuned_points(ood, tuned)
+                ood_table = tables.mean_with_ci(ood_at, ["schedule", "tokens"])
+                merged = id_table.merge(ood_table, on=["schedule", "tokens"], suffixes=("_id", "_ood"))
+                tuned_rows.append(merged.assign(mitigation=variant))
+                found.append(curves.inflections(ood_at, ["schedule"], n_boot=self.n_boot, seed=self.seed).assign(mitigation=variant))
+            if not tuned_rows:
+                continue
+            trade_off, inflections = pd.concat(tuned_rows), pd.concat(found)
+            png = plots.trade_off_figure(trade_off, _id_label(self.id_metric), f"Mitigations on {task}: task result vs forgetting",
+                                         self.out / f"mitigations_{file_stem(task)}.png")
+            moved = "; ".join(f"{r.mitigation} ({r.schedule}): "
+                              + (f"{short_tokens(r.tokens)} [{short_tokens(r.ci_low)}, {short_tokens(r.ci_high)}]" if r.found else "none")
+                              for r in inflections.itertuples())
+            section.figures.append(Figure(png, f"One curve per mitigation, points in token order (larger markers: more "
+                                               f"tokens). T_pre at the tuned LR: {moved}."))
+            section.tables += [(f"mitigations_{file_stem(task)}", trade_off), (f"mitigations_T_pre_{file_stem(task)}", inflections)]
+        return section
 
     def diverged(self) -> Section:
         rows = tables.diverged_runs(self.results)

@@ -132,3 +132,27 @@ def predicted_vs_observed(results: pd.DataFrame) -> pd.DataFrame:
     if wide.empty:
         return wide
     return wide.assign(predicted_total_nats=wide["predicted_forgetting_nats"] + wide["first_order_term_nats"])
+
+
+# -- mitigations ----------------------------------------------------------------------
+
+def _mitigation(results: pd.DataFrame) -> pd.Series:
+    """Each row's mitigation, "none" for plain runs (and for stores written before the column)."""
+    if "mitigation" not in results:
+        return pd.Series("none", index=results.index)
+    return results["mitigation"].fillna("none")
+
+
+def plain(results: pd.DataFrame) -> pd.DataFrame:
+    """Rows of plain fine-tunes (and of every other kind of cell)."""
+    return results[_mitigation(results) == "none"]
+
+
+def only_mitigation(results: pd.DataFrame, variant: str) -> pd.DataFrame:
+    return results[_mitigation(results) == variant]
+
+
+def mitigations_present(results: pd.DataFrame) -> list[str]:
+    """"none" first, then every mitigation variant the fine-tunes carry."""
+    variants = set(_mitigation(results[results["kind"] == "finetune"]))
+    return sorted(variants, key=lambda v: (v != "none", v))

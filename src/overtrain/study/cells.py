@@ -18,6 +18,7 @@ from overtrain.checkpoints import load_checkpoint, load_optimizer_state, read_ma
 from overtrain.data.corpus import PreparedCorpus
 from overtrain.data.benchmarks import evaluate_mc, load_benchmark
 from overtrain.data.tasks import Example, load_task, tokenize_examples
+from overtrain.mitigations import interpolated, with_lora, with_replay
 from overtrain.models import ModelSize, build_model, init_stds, parameter_count
 from overtrain.probes.curvature import causal_lm_objective, forgetting_prediction, hessian_eigenvalues, hessian_trace
 from overtrain.probes.drift import parameter_drift
@@ -128,7 +129,8 @@ def run_pretrain(cell: Cell, key: str, ctx: StudyContext) -> list[dict]:
     model = build_model(ModelSize(**cfg["model"]), len(tokenizer), cfg["seed"], bos_token_id=tokenizer.eos_token_id,
                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id).to(ctx.device)
     train_config = TrainConfig(steps=total_steps, weight_decay=cfg["weight_decay"], grad_clip=cfg["grad_clip"],
-                               compile=cfg["compile"], schedule=_pretrain_schedule(cfg, total_steps, warmup))
+                               compile=cfg["compile"], schedule=_pretrain_schedule(cfg, total_steps, warmup),
+                               sam_rho=cfg["sam_rho"], sam_start_step=total_steps - round(cfg["sam_last_fraction"] * total_steps))
     optimizer = make_optimizer(model, train_config)
     start_step = _resume_point(cell, key, ctx, model, optimizer, per_step)
     save_steps = {ref.tokens // per_step: ref for ref in cell.writes}
@@ -239,7 +241,9 @@ def run_finetune(cell: Cell, key: str, ctx: StudyContext) -> list[dict]:
     cfg = cell.config
     folder = ctx.checkpoint_dir / cfg["checkpoint"]
     model, tokenizer = load_checkpoint(folder, device=ctx.device)
-    columns = {**checkpoint_columns(cfg, folder), "task": cfg["task"], "lr": cfg["lr"], "seed": cfg["seed"]}
+    mitigation = cfg["mitigation"] or {}
+    columns = {**checkpoint_columns(cfg, folder), "task": cfg["task"], "lr": cfg["lr"], "seed": cfg["seed"],
+               "mitigation": "none" if not mitigation else "{}={:g}".format(*next(iter(mitigation.items())))}
     task = ctx.task_data(cfg["task"])
     id_batches = task.heldout_batches(cfg["eval"]["batch_size"])
     byte_lengths = ctx.corpus.byte_lengths
@@ -259,11 +263,15 @@ def run_finetune(cell: Cell, key: str, ctx: StudyContext) -> list[dict]:
         return scores
 
     torch.manual_seed(cfg["seed"])
-    config = TrainConfig(steps=cfg["steps"], weight_decay=cfg["weight_decay"],
+    config = TrainConfig(steps=cfg["steps"], weight_decay=cfg["weight_decay"], l2_to_start=mitigation.get("l2", 0.0),
                          schedule=Schedule("linear", cfg["lr"], cfg["steps"], cfg["warmup_steps"]))
+    pretrained = {n: p.detach().clone() for n, p in model.named_parameters()} if cfg["wise"] else {}
     before = {"step": 0, **evaluate(model), **capabilities(model)}
-    result = train(model, task.batches(cfg["batch_size"], cfg["seed"]), config, evaluate=evaluate,
-                   evaluate_every=cfg["eval_every"], description=cell.label)
+    trained = with_lora(model, mitigation["lora"]) if "lora" in mitigation else model
+    result = train(trained, _finetune_batches(task, cfg, ctx, mitigation.get("replay", 0.0)), config,
+                   evaluate=evaluate, evaluate_every=cfg["eval_every"], description=cell.label)
+    if "lora" in mitigation:
+        model = trained.merge_and_unload()  # plain weights again, for the measures below
     after = {"step": result.steps_done, **capabilities(model)}
     rows = [{"step": ev["step"], "metric": name, "value": value}
             for ev in [before, *result.evaluations, after] for name, value in ev.items() if name != "step"]
@@ -274,7 +282,21 @@ def run_finetune(cell: Cell, key: str, ctx: StudyContext) -> list[dict]:
     if result.diverged:
         rows.append({"metric": "diverged_at_step", "value": result.diverged_at_step})
     rows.append({"metric": "train_loss_nats", "step": result.steps_done, "value": result.last_loss})
-    return [{**columns, **row} for row in rows]
+    rows = [{**columns, **row} for row in rows]
+    for alpha in cfg["wise"]:
+        with interpolated(model, pretrained, alpha):
+            measured = {**evaluate(model), **capabilities(model)}
+        rows += [{**columns, "mitigation": f"wise={alpha:g}", "step": result.steps_done, "metric": name, "value": value}
+                 for name, value in measured.items()]
+    return rows
+
+
+def _finetune_batches(task: "TokenizedTask", cfg: dict, ctx: StudyContext, replay: float) -> Iterator[dict]:
+    batches = task.batches(cfg["batch_size"], cfg["seed"])
+    if not replay:
+        return batches
+    pretraining = ctx.corpus.train_batches(cfg["batch_size"], ctx.spec.pretrain.seq_len, seed=cfg["seed"] + 1)
+    return with_replay(batches, pretraining, replay, task.pad_id)
 
 
 RUNNERS = {"pretrain": run_pretrain, "probe": run_probe, "finetune": run_finetune}

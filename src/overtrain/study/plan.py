@@ -58,8 +58,14 @@ def plan_study(spec: StudySpec) -> list[Cell]:
                     for seed in ft.seeds:
                         config = {**_checkpoint_context(ref), "task": task, "lr": lr, "seed": seed,
                                   **ft.model_dump(exclude={"tasks", "lrs", "seeds"}),
-                                  "eval": spec.eval.model_dump(), "sharpness": _sharpness(spec)}
-                        cells.append(Cell("finetune", f"finetune {ref.name} {task} lr={lr:g} seed={seed}", config, reads=ref.name))
+                                  "eval": spec.eval.model_dump(), "sharpness": _sharpness(spec),
+                                  "mitigation": None, "wise": spec.mitigations.wise if spec.mitigations else []}
+                        label = f"finetune {ref.name} {task} lr={lr:g} seed={seed}"
+                        cells.append(Cell("finetune", label, config, reads=ref.name))
+                        for kind, value in _mitigation_variants(spec):
+                            cells.append(Cell("finetune", f"{label} {kind}={value:g}",
+                                              {**config, "mitigation": {kind: value}, "wise": [], "sharpness": None},
+                                              reads=ref.name))
     return cells
 
 
@@ -102,6 +108,14 @@ def _branch_point(budget: int, spec: StudySpec) -> int:
 def _probe_config(spec: StudySpec, ref: CheckpointRef) -> dict:
     return {**_checkpoint_context(ref), "eval": spec.eval.model_dump(),
             "sensitivity": spec.sensitivity.model_dump() if spec.sensitivity else None, "sharpness": _sharpness(spec)}
+
+
+def _mitigation_variants(spec: StudySpec) -> list[tuple[str, float]]:
+    """(kind, value) of every retrained variant; WiSE-FT needs no run of its own."""
+    mitigations = spec.mitigations
+    if mitigations is None:
+        return []
+    return [(kind, value) for kind in ("l2", "replay", "lora") for value in getattr(mitigations, kind)]
 
 
 def _sharpness(spec: StudySpec) -> dict | None:

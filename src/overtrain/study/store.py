@@ -23,7 +23,8 @@ import pandas as pd
 from overtrain.faults import fault_point
 
 # Context columns every result row may carry; NULL where they do not apply.
-RESULT_COLUMNS = ("checkpoint", "weights", "schedule", "decayed", "tokens", "task", "lr", "gamma", "seed", "step")
+RESULT_COLUMNS = ("checkpoint", "weights", "schedule", "decayed", "tokens", "task", "lr", "gamma", "seed", "step",
+                  "mitigation")
 FINISHED = ("done", "diverged")
 
 SCHEMA = f"""
