@@ -32,3 +32,21 @@ def test_audit_of_a_local_checkpoint(tiny_model, byte_corpus, tmp_path):
 def test_audit_names_a_bad_lr_list(tmp_path):
     result = CliRunner().invoke(app, ["audit", "smollm2", "--lrs", "1e-4,fast"])
     assert result.exit_code == 2 and "--lrs '1e-4,fast': expected comma-separated numbers" in result.output
+
+
+def test_probe_command_on_a_fine_tuned_pair(tiny_model, byte_corpus, tmp_path):
+    tiny_model.save_pretrained(tmp_path / "base")
+    byte_corpus.tokenizer.save_pretrained(tmp_path / "base")
+    config = TrainConfig(steps=5, schedule=Schedule("constant", 1e-2, 5))
+    train(tiny_model, byte_corpus.train_batches(4, 64, seed=3), config)
+    tiny_model.save_pretrained(tmp_path / "tuned")
+    byte_corpus.tokenizer.save_pretrained(tmp_path / "tuned")
+
+    result = CliRunner().invoke(app, ["probe", str(tmp_path / "tuned"), "--base", str(tmp_path / "base"),
+                                      "--tokens", "256", "--trace-hvps", "3", "--out", str(tmp_path / "probe.csv")])
+    assert result.exit_code == 0, result.output
+    frame = pd.read_csv(tmp_path / "probe.csv")
+    metrics = set(frame["metric"])
+    assert {"hessian_top_eig", "hessian_trace", "kl_sharpness", "critical_sharpness", "curvature_along_u",
+            "predicted_forgetting_nats", "observed_forgetting_nats", "param_drift_l2"} <= metrics
+    assert frame.loc[frame["metric"] == "param_drift_l2", "value"].iloc[0] > 0

@@ -26,8 +26,7 @@ import pandas as pd
 import torch
 
 from overtrain.data.benchmarks import evaluate_mc, load_benchmark
-from overtrain.data.corpus import encode_documents
-from overtrain.data.sources import default_documents, split_documents
+from overtrain.data.corpus import default_heldout_batches
 from overtrain.data.tasks import load_task, tokenize_examples
 from overtrain.data.tokenizer import token_byte_lengths
 from overtrain.models import init_stds
@@ -36,14 +35,7 @@ from overtrain.probes.loss import heldout_metrics
 from overtrain.probes.perturb import gaussian_sensitivity
 from overtrain.probes.sharpness import kl_sharpness
 from overtrain.schedules import Schedule
-from overtrain.series import (
-    SeriesCheckpoint,
-    gguf_checkpoint,
-    hash_and_flag_duplicates,
-    load_series_model,
-    series_from_folders,
-    series_from_hub,
-)
+from overtrain.series import SeriesCheckpoint, hash_and_flag_duplicates, load_series_model
 from overtrain.study.cells import TokenizedTask
 from overtrain.train import TrainConfig, train
 
@@ -91,7 +83,7 @@ def audit(checkpoint: SeriesCheckpoint, config: AuditConfig, out_dir: str | Path
         hash_and_flag_duplicates([checkpoint])
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
-    batches = _heldout_batches(tokenizer, config)
+    batches = default_heldout_batches(tokenizer, config.heldout_tokens, config.seq_len, config.batch_size, config.seed)
     byte_lengths = token_byte_lengths(tokenizer)
 
     def text_metrics(m: torch.nn.Module) -> dict[str, float]:
@@ -122,32 +114,6 @@ def audit(checkpoint: SeriesCheckpoint, config: AuditConfig, out_dir: str | Path
                                                      "seconds": result.seconds}, indent=1))
     (out_dir / "audit.md").write_text(plain_words(result, checkpoint))
     return result
-
-
-def resolve_model(model: str, revision: str | None = None, tokens: int | None = None) -> SeriesCheckpoint:
-    """A checkpoint from a folder, a .gguf file, 'smollm2' (the packaged GGUF) or a hub id."""
-    if model == "smollm2":
-        from overtrain.data.packages import SMOLLM2, SMOLLM2_GGUF, package_root
-
-        return gguf_checkpoint(package_root(SMOLLM2) / SMOLLM2_GGUF, tokens)
-    path = Path(model)
-    if path.suffix == ".gguf":
-        return gguf_checkpoint(path, tokens)
-    if path.is_dir():
-        checkpoint = series_from_folders([str(path)])[0]
-    else:
-        checkpoint = series_from_hub(model, [revision or "main"])[0]
-    checkpoint.tokens = tokens if tokens is not None else checkpoint.tokens
-    return checkpoint
-
-
-def _heldout_batches(tokenizer, config: AuditConfig) -> list[dict[str, torch.Tensor]]:
-    """The first `heldout_tokens` of the default corpus' held-out documents, in this tokenizer."""
-    _, heldout = split_documents(default_documents(), 0.02, config.seed)
-    stream = encode_documents(heldout[:200], tokenizer)
-    n_windows = min(config.heldout_tokens, len(stream)) // config.seq_len
-    windows = torch.from_numpy(stream[: n_windows * config.seq_len].astype(np.int64)).view(n_windows, config.seq_len)
-    return [{"input_ids": w, "labels": w} for w in windows.split(config.batch_size)]
 
 
 def _lr_sweep(model, tokenizer, config: AuditConfig, text_metrics) -> list[dict]:

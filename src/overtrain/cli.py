@@ -160,7 +160,8 @@ def audit_command(
     out: Path = typer.Option(Path("runs/audit"), help="Folder for audit.md, audit.csv, audit.json."),
 ) -> None:
     """Audit a real model: sensitivity, sharpness, and which fine-tuning LRs keep forgetting within a bound."""
-    from overtrain.audit import AuditConfig, audit, resolve_model
+    from overtrain.audit import AuditConfig, audit
+    from overtrain.series import resolve_model
 
     try:
         checkpoint = resolve_model(model, revision, tokens)
@@ -180,6 +181,33 @@ def _floats(text: str, option: str) -> tuple[float, ...]:
     if any(v <= 0 for v in values):
         raise ValueError(f"{option} {text!r}: every value must be positive")
     return values
+
+
+@app.command("probe")
+def probe_command(
+    model: str = typer.Argument(..., help="An HF folder, a .gguf file, a hub id (with --revision), or 'smollm2'."),
+    revision: str = typer.Option(None, help="Hub revision of MODEL."),
+    base: str = typer.Option(None, help="The model MODEL was fine-tuned from: adds curvature along the update, "
+                                        "predicted vs observed forgetting, parameter and representation drift."),
+    tokens: int = typer.Option(1024, min=16, help="Held-out tokens (default corpus, first ones) the probes use."),
+    top_k: int = typer.Option(1, min=1, help="Top Hessian eigenvalues (Lanczos)."),
+    trace_hvps: int = typer.Option(20, min=0, help="Hessian-vector products for the Hutchinson trace; 0 skips it."),
+    kl_gamma: float = typer.Option(0.5, min=0, help="Noise size of the KL sharpness proxy, in init stds."),
+    out: Path = typer.Option(None, help="Write the rows to this CSV as well."),
+) -> None:
+    """Sharpness of one model's held-out loss: Hessian top eigenvalues and trace, KL proxy, critical sharpness."""
+    from overtrain.probes.run import probe_model
+    from overtrain.series import resolve_model
+
+    options = {"top_k": top_k, "tol": 1e-3, "trace_hvps": trace_hvps, "kl_gamma": kl_gamma, "kl_seeds": [0, 1, 2]}
+    try:
+        frame = probe_model(resolve_model(model, revision), options, tokens,
+                            base=resolve_model(base) if base else None)
+    except BAD_INPUT as err:
+        _fail(err)
+    if out:
+        frame.to_csv(out, index=False)
+    typer.echo(frame.drop(columns="model").to_string(index=False))
 
 
 @app.command("keys")

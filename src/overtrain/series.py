@@ -100,6 +100,23 @@ def gguf_checkpoint(path: str | Path, tokens: int | None = None) -> SeriesCheckp
     return SeriesCheckpoint(label=path.stem, tokens=tokens, path=path.parent, gguf_file=path.name)
 
 
+def resolve_model(model: str, revision: str | None = None, tokens: int | None = None) -> SeriesCheckpoint:
+    """A checkpoint from a folder, a .gguf file, 'smollm2' (the packaged GGUF) or a hub id."""
+    if model == "smollm2":
+        from overtrain.data.packages import SMOLLM2, SMOLLM2_GGUF, package_root
+
+        return gguf_checkpoint(package_root(SMOLLM2) / SMOLLM2_GGUF, tokens)
+    path = Path(model)
+    if path.suffix == ".gguf":
+        return gguf_checkpoint(path, tokens)
+    if path.is_dir():
+        checkpoint = series_from_folders([str(path)])[0]
+    else:
+        checkpoint = series_from_hub(model, [revision or "main"])[0]
+    checkpoint.tokens = tokens if tokens is not None else checkpoint.tokens
+    return checkpoint
+
+
 def load_series_model(checkpoint: SeriesCheckpoint, device: str = "cpu"):
     """(model, tokenizer) in float32; GGUF weights are dequantized on load."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

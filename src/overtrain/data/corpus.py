@@ -80,6 +80,18 @@ def prepare_corpus(train_docs: list[str], heldout_docs: list[str], vocab_size: i
     )
 
 
+def default_heldout_batches(tokenizer, tokens: int, seq_len: int, batch_size: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """The first `tokens` of the default corpus' held-out documents, in any model's tokenizer:
+    the same text for every model, so their bits-per-byte compare."""
+    from overtrain.data.sources import default_documents, split_documents
+
+    _, heldout = split_documents(default_documents(), 0.02, seed)
+    stream = encode_documents(heldout[:200], tokenizer)
+    n_windows = min(tokens, len(stream)) // seq_len
+    windows = torch.from_numpy(stream[: n_windows * seq_len].astype(np.int64)).view(n_windows, seq_len)
+    return [{"input_ids": w, "labels": w} for w in windows.split(batch_size)]
+
+
 def encode_documents(documents: list[str], tokenizer: PreTrainedTokenizerFast) -> np.ndarray:
     """One flat stream: each document's tokens followed by end-of-text."""
     eos = tokenizer.eos_token_id

@@ -1,0 +1,25 @@
+"""Probe one model outside a study: curvature and sharpness of its held-out loss, and,
+given the model it was fine-tuned from, the curvature along that update and the drift."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from overtrain.data.corpus import default_heldout_batches
+from overtrain.probes.drift import representation_drift
+from overtrain.series import SeriesCheckpoint, load_series_model
+from overtrain.study.cells import sharpness_rows, update_rows
+
+
+def probe_model(checkpoint: SeriesCheckpoint, options: dict, tokens: int, seq_len: int = 128, batch_size: int = 8,
+                base: SeriesCheckpoint | None = None) -> pd.DataFrame:
+    """Tidy rows {metric, value} of the sharpness probes (options: the study's `sharpness:` keys)
+    on the first `tokens` of the default held-out text; with `base`, also u = theta - theta_base."""
+    model, tokenizer = load_series_model(checkpoint)
+    batches = default_heldout_batches(tokenizer, tokens, seq_len, batch_size)
+    rows = sharpness_rows(model, batches, options)
+    if base is not None:
+        base_model, _ = load_series_model(base)
+        rows += update_rows(base_model, model, batches)
+        rows += representation_drift(base_model, model, batches).to_rows()
+    return pd.DataFrame(rows).assign(model=checkpoint.label)
