@@ -82,12 +82,17 @@ def test_monte_carlo_option_reproduces_the_closed_form_curves(result):
                                result.perturbation["expected_increase"], rtol=0.1)
 
 
+def _assert_u_shaped(curve, column: str, first_above: float, last_above: float, label) -> None:
+    """An interior minimum, with both ends above it by the given factors."""
+    loss = curve.sort_values("time")[column].to_numpy()
+    bottom = loss.min()
+    assert 0 < loss.argmin() < len(loss) - 1, label
+    assert loss[0] > first_above * bottom and loss[-1] > last_above * bottom, label
+
+
 def test_perturbed_loss_is_u_shaped_with_a_clear_interior_minimum(result):
     for gamma, curve in result.perturbation.groupby("gamma"):
-        loss = curve.sort_values("time")["perturbed_loss"].to_numpy()
-        bottom = loss.min()
-        assert 0 < loss.argmin() < len(loss) - 1, gamma
-        assert loss[0] > 1.05 * bottom and loss[-1] > 1.02 * bottom, gamma
+        _assert_u_shaped(curve, "perturbed_loss", 1.05, 1.02, gamma)
     assert _minima(result, "perturbation")["interior"].all()
 
 
@@ -102,10 +107,7 @@ def test_larger_perturbations_move_the_minimum_earlier(result):
 def test_pretraining_loss_after_finetuning_is_u_shaped(result):
     unregularized = result.finetune[result.finetune["lam"] == 0]
     for lr, curve in unregularized.groupby("lr"):
-        loss = curve.sort_values("time")["pretrain_loss_after"].to_numpy()
-        bottom = loss.min()
-        assert 0 < loss.argmin() < len(loss) - 1, lr
-        assert loss[0] > 1.2 * bottom and loss[-1] > 1.05 * bottom, lr
+        _assert_u_shaped(curve, "pretrain_loss_after", 1.2, 1.05, lr)
     assert _minima(result, "finetune")["interior"].all()
 
 
