@@ -198,3 +198,17 @@ def test_page_renders_in_chromium_with_every_image_loaded_and_no_console_error(r
     screenshot = shots / "report_top.png"
     chromium(report_dir / "index.html", tmp_path / "profile", f"--screenshot={screenshot}", "--window-size=1280,2000")
     assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and screenshot.stat().st_size > 50_000
+
+
+def test_each_task_is_judged_by_its_own_metric(tmp_path):
+    """One task with informative accuracy, one with none: each gets its own task metric, no empty plot."""
+    math = synthetic_results()
+    math = math[math["schedule"] == "cosine"]
+    qa = math[math["kind"] == "finetune"].assign(task="qa", cell=lambda f: "qa-" + f["cell"])
+    final = qa[(qa["metric"] == "id_bpb") & (qa["step"] == STEPS[-1])]
+    accuracy = final.assign(metric="id_acc", value=lambda f: 1 / f["value"])
+    out = write_report(pd.concat([math, qa, accuracy]), STUDY, tmp_path / "report", n_boot=20)
+    summary = (out / "summary.md").read_text()
+    assert "qa: fine-tune" in summary and "task accuracy" in summary
+    assert "math: fine-tune" in summary and "task bpb" in summary
+    assert (out / "fixed_lr_id_math.png").exists() and (out / "fixed_lr_id_qa.png").exists()

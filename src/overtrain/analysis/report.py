@@ -116,7 +116,8 @@ class Report:
         self.results, self.out, self.n_boot, self.seed, self.theory_dir = results, out, n_boot, seed, theory_dir
         final = tables.finetune_final(results)
         self.tasks = sorted(final["task"].dropna().unique())
-        self.id_metric, self.id_higher_is_better = id_metric_for(final)
+        # The task metric is chosen per task: accuracy where it tells runs apart, else bpb.
+        self.task_metrics = {task: id_metric_for(final[final["task"] == task]) for task in self.tasks}
 
     def sections(self, task: str | None, tolerance_bpb: float) -> list[Section]:
         return [
@@ -191,13 +192,14 @@ class Report:
     # -- fine-tuning ------------------------------------------------------------------------
 
     def fixed_lr(self, task: str) -> Section:
+        id_metric, higher_is_better = self.task_metrics[task]
         ood = _task(tables.final_points(self.results, "ood_bpb"), task)
-        task_metric = _task(tables.final_points(self.results, self.id_metric), task)
+        task_metric = _task(tables.final_points(self.results, id_metric), task)
         by = ["schedule", "decayed", "lr", "tokens"]
         ood_table, id_table = tables.mean_with_ci(ood, by), tables.mean_with_ci(task_metric, by)
         t_pre = curves.inflections(ood, ["schedule", "lr"], n_boot=self.n_boot, seed=self.seed)
-        t_ft = curves.inflections(task_metric, ["schedule", "lr"], self.id_higher_is_better, self.n_boot, self.seed)
-        id_label = _id_label(self.id_metric)
+        t_ft = curves.inflections(task_metric, ["schedule", "lr"], higher_is_better, self.n_boot, self.seed)
+        id_label = _id_label(id_metric)
         ood_png = plots.panels_figure(ood_table, "lr", "LR", "pre-training text bpb after fine-tuning",
                                       f"Forgetting on {task}: pre-training text after fine-tuning at a fixed LR",
                                       self.out / f"fixed_lr_ood_{file_stem(task)}.png", t_pre)
@@ -217,18 +219,19 @@ class Report:
         )
 
     def tuned_lr(self, task: str) -> Section:
-        task_metric = _task(tables.final_points(self.results, self.id_metric), task)
+        id_metric, higher_is_better = self.task_metrics[task]
+        task_metric = _task(tables.final_points(self.results, id_metric), task)
         ood = _task(tables.final_points(self.results, "ood_bpb"), task)
-        tuned = curves.tuned_lr(task_metric, self.id_higher_is_better)
+        tuned = curves.tuned_lr(task_metric, higher_is_better)
         id_at, ood_at = curves.tuned_points(task_metric, tuned), curves.tuned_points(ood, tuned)
         by = ["schedule", "decayed", "tokens"]
         id_table, ood_table = tables.mean_with_ci(id_at, by), tables.mean_with_ci(ood_at, by)
-        found = {"id": curves.inflections(id_at, ["schedule"], self.id_higher_is_better, self.n_boot, self.seed),
+        found = {"id": curves.inflections(id_at, ["schedule"], higher_is_better, self.n_boot, self.seed),
                  "ood": curves.inflections(ood_at, ["schedule"], n_boot=self.n_boot, seed=self.seed)}
         trends = pd.DataFrame([{"schedule": s, **curves.lr_trend(rows).__dict__} for s, rows in tuned.groupby("schedule")])
         grid = sorted(tables.finetune_final(self.results)["lr"].dropna().unique())
         figures = [
-            Figure(plots.tuned_figure(id_table, ood_table, f"{_id_label(self.id_metric)} after fine-tuning", found,
+            Figure(plots.tuned_figure(id_table, ood_table, f"{_id_label(id_metric)} after fine-tuning", found,
                                       f"{task} at the tuned LR (best task result per checkpoint)",
                                       self.out / f"tuned_lr_{file_stem(task)}.png"),
                    f"At each checkpoint's ID-optimal LR. T_ft: {describe_inflections(found['id'])}. "
@@ -359,14 +362,15 @@ class Report:
                                           "A curve that sits lower and further left keeps more of pre-training for "
                                           "the same task result; T_pre is where forgetting starts to grow with tokens."])
         for task in self.tasks:
+            id_metric, higher_is_better = self.task_metrics[task]
             tuned_rows, found = [], []
             for variant in variants:
                 results = tables.only_mitigation(self.with_mitigations, variant)
-                task_metric = _task(tables.final_points(results, self.id_metric), task)
+                task_metric = _task(tables.final_points(results, id_metric), task)
                 ood = _task(tables.final_points(results, "ood_bpb"), task)
                 if task_metric.empty:
                     continue
-                tuned = curves.tuned_lr(task_metric, self.id_higher_is_better)
+                tuned = curves.tuned_lr(task_metric, higher_is_better)
                 id_table = tables.mean_with_ci(curves.tuned_points(task_metric, tuned), ["schedule", "tokens"])
                 ood_at = curves.tuned_points(ood, tuned)
                 ood_table = tables.mean_with_ci(ood_at, ["schedule", "tokens"])
@@ -376,7 +380,7 @@ class Report:
             if not tuned_rows:
                 continue
             trade_off, inflections = pd.concat(tuned_rows), pd.concat(found)
-            png = plots.trade_off_figure(trade_off, _id_label(self.id_metric), f"Mitigations on {task}: task result vs forgetting",
+            png = plots.trade_off_figure(trade_off, _id_label(id_metric), f"Mitigations on {task}: task result vs forgetting",
                                          self.out / f"mitigations_{file_stem(task)}.png")
             moved = "; ".join(f"{r.mitigation} ({r.schedule}): "
                               + (f"{short_tokens(r.tokens)} [{short_tokens(r.ci_low)}, {short_tokens(r.ci_high)}]" if r.found else "none")
