@@ -167,6 +167,11 @@ def plain_words(result: AuditResult, checkpoint: SeriesCheckpoint) -> str:
     kl = frame.query("metric == 'kl_sharpness'")["value"]
     if len(kl):
         lines.append(f"- KL sharpness (gamma {config.kl_gamma:g}): {kl.iloc[0]:.4f} nats per token.")
+    top_eig = frame.query("metric == 'hessian_top_eig'")["value"]
+    if len(top_eig):
+        lines.append(f"- Top Hessian eigenvalue of the held-out loss (first {config.hessian_tokens} tokens): "
+                     f"{top_eig.iloc[0]:.4g}; a plain gradient step larger than 2 / that = {2 / top_eig.iloc[0]:.2g} "
+                     "would overshoot along its direction.")
     if safe:
         lines.append(f"- Fine-tuning on `{config.task}` for {config.steps} steps keeps forgetting within "
                      f"+{config.tolerance_bpb:g} bpb up to LR **{max(safe):g}** (of {', '.join(f'{lr:g}' for lr in config.lrs)}).")
