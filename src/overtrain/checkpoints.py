@@ -17,7 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from overtrain.faults import fault_point
-from overtrain.hashing import state_dict_sha256
+from overtrain.hashing import weights_sha256
 
 MANIFEST = "overtrain.json"
 
@@ -34,7 +34,7 @@ def save_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
     """Write the checkpoint and return its manifest (with `weights_sha256` filled in)."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    manifest = {**manifest, "weights_sha256": state_dict_sha256(model.state_dict())}
+    manifest = {**manifest, "weights_sha256": weights_sha256(model)}
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
     try:
         model.save_pretrained(tmp, safe_serialization=True)

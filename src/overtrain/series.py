@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from overtrain.checkpoints import MANIFEST, CheckpointError, check_checkpoint_folder
-from overtrain.hashing import state_dict_sha256
+from overtrain.hashing import weights_sha256
 
 PYTHIA_TOKENS_PER_STEP = 1024 * 2048
 _OLMO = re.compile(r"(?:^|[-_/])step(?P<step>\d+)-tokens(?P<amount>\d+(?:\.\d+)?)(?P<unit>[MBT])(?:$|[-_/])")
@@ -133,11 +133,10 @@ def hash_and_flag_duplicates(series: list[SeriesCheckpoint]) -> list[SeriesCheck
     for checkpoint in series:
         if checkpoint.weights_sha256 is None:
             model, _ = load_series_model(checkpoint)
-            checkpoint.weights_sha256 = state_dict_sha256(model.state_dict())
+            checkpoint.weights_sha256 = weights_sha256(model)
             del model
-        checkpoint.duplicate_of = first_with_hash.setdefault(checkpoint.weights_sha256, checkpoint.label)
-        if checkpoint.duplicate_of == checkpoint.label:
-            checkpoint.duplicate_of = None
+        first = first_with_hash.setdefault(checkpoint.weights_sha256, checkpoint.label)
+        checkpoint.duplicate_of = first if first != checkpoint.label else None
     return series
 
 
