@@ -382,8 +382,8 @@ class Report:
             trade_off, inflections = pd.concat(tuned_rows), pd.concat(found)
             png = plots.trade_off_figure(trade_off, _id_label(id_metric), f"Mitigations on {task}: task result vs forgetting",
                                          self.out / f"mitigations_{file_stem(task)}.png")
-            moved = "; ".join(f"{r.mitigation} ({r.schedule}): "
-                              + (f"{short_tokens(r.tokens)} [{short_tokens(r.ci_low)}, {short_tokens(r.ci_high)}]" if r.found else "none")
+            moved = "; ".join(f"{'plain fine-tuning' if r.mitigation == 'none' else r.mitigation} ({r.schedule}): "
+                              + (f"{short_tokens(r.tokens)} [{short_tokens(r.ci_low)}, {short_tokens(r.ci_high)}]" if r.found else "no inflection within the budgets")
                               for r in inflections.itertuples())
             section.figures.append(Figure(png, f"One curve per mitigation, points in token order (larger markers: more "
                                                f"tokens). T_pre at the tuned LR: {moved}."))
