@@ -106,7 +106,7 @@ def audit(checkpoint: SeriesCheckpoint, config: AuditConfig, out_dir: str | Path
             eigen = hessian_eigenvalues(causal_lm_objective(model, subset), tol=1e-2)
             result.rows.append({"probe": "sharpness", "metric": "hessian_top_eig", "value": eigen.eigenvalues[0]})
     with clock("lr_sweep"):
-        result.rows += _lr_sweep(model, tokenizer, config, text_metrics)
+        result.rows += _lr_sweep(model, tokenizer, config, text_metrics, byte_lengths)
     frame = result.frame()
     frame.to_csv(out_dir / "audit.csv", index=False)
     (out_dir / "audit.json").write_text(json.dumps({"model": result.model, "config": asdict(config),
@@ -116,13 +116,12 @@ def audit(checkpoint: SeriesCheckpoint, config: AuditConfig, out_dir: str | Path
     return result
 
 
-def _lr_sweep(model, tokenizer, config: AuditConfig, text_metrics) -> list[dict]:
+def _lr_sweep(model, tokenizer, config: AuditConfig, text_metrics, byte_lengths) -> list[dict]:
     task = load_task(config.task, seed=config.seed)
     data = TokenizedTask(train=tokenize_examples(task.train, tokenizer, config.finetune_seq_len),
                          heldout=tokenize_examples(task.heldout[: config.eval_examples], tokenizer, config.finetune_seq_len),
                          pad_id=tokenizer.pad_token_id, scored=[], name=task.name)
     id_batches = data.heldout_batches(config.batch_size)
-    byte_lengths = token_byte_lengths(tokenizer)
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
     rows = []
 

@@ -13,6 +13,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -35,8 +36,9 @@ class PreparedCorpus:
     train: np.ndarray
     heldout: np.ndarray
 
-    @property
+    @cached_property
     def byte_lengths(self) -> np.ndarray:
+        # Read on every evaluation; walking a large vocabulary each time would add up.
         return token_byte_lengths(self.tokenizer)
 
     def train_batches(self, batch_size: int, seq_len: int, seed: int, start_step: int = 0) -> Iterator[dict[str, torch.Tensor]]:
