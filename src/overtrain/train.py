@@ -90,10 +90,7 @@ def train(
         for group in optimizer.param_groups:
             group["lr"] = lr
         batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
-        with autocast(device):
-            loss = forward(**batch, use_cache=False).loss
-        if anchor is not None:
-            loss = loss + config.l2_to_start * _squared_distance(model, anchor)
+        loss = _objective(model, forward, batch, anchor, config.l2_to_start)
         if not torch.isfinite(loss):
             result.diverged_at_step = step
             result.last_loss = loss.item()
@@ -101,7 +98,8 @@ def train(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if config.sam_rho > 0 and step >= config.sam_start_step:
-            _sharpness_aware_gradient(model, forward, batch, config.sam_rho, anchor, config.l2_to_start)
+            _sharpness_aware_gradient(model, lambda: _objective(model, forward, batch, anchor, config.l2_to_start),
+                                      config.sam_rho)
         if config.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()
@@ -121,7 +119,16 @@ def train(
     return result
 
 
-def _sharpness_aware_gradient(model, forward, batch, rho: float, anchor, l2: float) -> None:
+def _objective(model, forward, batch, anchor, l2: float) -> torch.Tensor:
+    """The training loss of one batch, with the L2 pull toward the start weights if any."""
+    with autocast(next(model.parameters()).device):
+        loss = forward(**batch, use_cache=False).loss
+    if anchor is not None:
+        loss = loss + l2 * _squared_distance(model, anchor)
+    return loss
+
+
+def _sharpness_aware_gradient(model, objective: Callable[[], torch.Tensor], rho: float) -> None:
     """Replace the gradient by the one at theta + rho * g / ||g|| (SAM's ascent step)."""
     params = [p for p in model.parameters() if p.grad is not None]
     norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
@@ -129,11 +136,7 @@ def _sharpness_aware_gradient(model, forward, batch, rho: float, anchor, l2: flo
         ascent = [p.grad * (rho / (norm + 1e-12)) for p in params]
         torch._foreach_add_(params, ascent)
     model.zero_grad(set_to_none=True)
-    with autocast(next(model.parameters()).device):
-        loss = forward(**batch, use_cache=False).loss
-    if anchor is not None:
-        loss = loss + l2 * _squared_distance(model, anchor)
-    loss.backward()
+    objective().backward()
     with torch.no_grad():
         torch._foreach_sub_(params, ascent)
 
