@@ -18,6 +18,8 @@ BAD = {
     "missing corpus": (GOOD + "data:\n  corpus: /nonexistent/corpus.jsonl\n", "data.corpus: file not found: /nonexistent/corpus.jsonl"),
     "missing task file": (GOOD + "finetune:\n  tasks: [/nonexistent/task.jsonl]\n", "finetune.tasks: file not found"),
     "not a mapping": ("- 1\n- 2\n", "expected a mapping"),
+    "wsd branch inside warmup": ("pretrain:\n  budgets: [40960, 81920]\n  schedules: [constant, wsd]\n  warmup_tokens: 40000\n",
+                                 "pretrain.warmup_tokens: 40000 tokens is past where the wsd branch"),
     "heads do not divide width": (GOOD + "model:\n  d_model: 30\n", "model.d_model=30 is not divisible"),
 }
 

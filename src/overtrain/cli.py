@@ -64,6 +64,8 @@ def _run(study: Path, out: Path | None, retry_failed: bool, workers: int = 1, ex
         spec = load_spec(study)
         run_dir = run(spec, out or Path("runs") / spec.name, retry_failed=retry_failed, workers=workers,
                       executor=executor, address=address)
+    except SpecError as err:  # checks of the whole plan (budgets vs steps) know the key, not the file
+        _fail(err if str(err).startswith(str(study)) else SpecError(f"{study}: {err}"))
     except (*BAD_INPUT, StudyStopped) as err:
         _fail(err)
     typer.echo(_counts_line(status(run_dir)))
@@ -106,6 +108,21 @@ def report_command(
     except BAD_INPUT as err:
         _fail(err)
     typer.echo(f"report: {folder / 'index.html'}")
+
+
+@app.command("reproduction")
+def reproduction_command(
+    run_dir: Path = typer.Argument(..., help="A run folder, e.g. of examples/paper.yaml."),
+    out: Path = typer.Option(Path("docs/REPRODUCTION.md"), help="Page to write; its figures go in a folder beside it."),
+) -> None:
+    """Check the papers' claims on a run (sensitivity, U-curves, schedules, tuned LR) and write the page."""
+    from overtrain.analysis.reproduction import write_reproduction
+
+    try:
+        page = write_reproduction(run_dir, out)
+    except BAD_INPUT as err:
+        _fail(err)
+    typer.echo(f"reproduction: {page}")
 
 
 @app.command("theory")

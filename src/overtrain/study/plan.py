@@ -136,3 +136,7 @@ def _check_budgets(spec: StudySpec) -> None:
         raise SpecError(f"pretrain.budgets: two budgets round to the same number of steps of {per_step} tokens")
     if "wsd" in spec.pretrain.schedules and steps_for(spec.pretrain.budgets[0], spec) * spec.pretrain.wsd_decay_fraction < 1:
         raise SpecError(f"pretrain.wsd_decay_fraction: {spec.pretrain.wsd_decay_fraction} of the first budget is less than one step")
+    if "wsd" in spec.pretrain.schedules and _branch_point(spec.pretrain.budgets[0], spec) < spec.pretrain.warmup_tokens:
+        # A branch that leaves during warmup never decays: it would be the constant run under another name.
+        raise SpecError(f"pretrain.warmup_tokens: {spec.pretrain.warmup_tokens} tokens is past where the wsd branch of the "
+                        f"first budget ({spec.pretrain.budgets[0]}) starts to decay; shorten the warmup or raise the budget")
