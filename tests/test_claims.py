@@ -36,7 +36,8 @@ def probe_rows(metric: str, value, gammas=(0.5, 1.0), seeds=3, schedules=("const
             for sch in schedules for g in gammas for t in BUDGETS for s in range(seeds)]
 
 
-def finetune_rows(after, before=lambda sch, t: 2.0, seeds=3, lrs=(1e-3, 3e-3), rng_seed=0) -> list[dict]:
+def finetune_rows(after, before=lambda sch, t: 2.0, seeds=3, lrs=(1e-3, 3e-3), rng_seed=0,
+                  task_bpb=lambda lr, x: 3.0 - 0.01 * x) -> list[dict]:
     """Per run: ood_bpb at step 0 (`before`) and at step 100 (`after(schedule, lr, log2 tokens)` + noise)."""
     rng = np.random.default_rng(rng_seed)
     rows = []
@@ -49,7 +50,7 @@ def finetune_rows(after, before=lambda sch, t: 2.0, seeds=3, lrs=(1e-3, 3e-3), r
                     rows.append(_row(step=0, metric="ood_bpb", value=before(sch, t), **common))
                     rows.append(_row(step=100, metric="ood_bpb", value=after(sch, lr, np.log2(t)) + rng.normal(0, 0.005),
                                      **common))
-                    rows.append(_row(step=100, metric="id_bpb", value=3.0 - 0.01 * np.log2(t), **common))
+                    rows.append(_row(step=100, metric="id_bpb", value=task_bpb(lr, np.log2(t)), **common))
     return rows
 
 
@@ -113,6 +114,17 @@ def test_decay_that_helps_at_half_the_budgets_is_not_claim_4():
 
     found = claims.decay_forgets_more(pd.DataFrame(finetune_rows(after)), 200, 0)
     assert found.holds is False and "50% of 12" in found.finding
+
+
+@pytest.mark.parametrize("best_lr, warned", [(3e-3, False), (1e-2, True)])
+def test_a_tuned_lr_pinned_to_the_grid_edge_is_called_a_bound(best_lr, warned):
+    def task_bpb(lr, x):
+        return 3.0 + abs(np.log10(lr / best_lr))
+
+    rows = finetune_rows(lambda schedule, lr, x: 2.3, lrs=(1e-3, 3e-3, 1e-2), task_bpb=task_bpb)
+    found = claims.tuned_lr_inflections(pd.DataFrame(rows), 100, 0)
+    assert ("end of the grid" in found.finding) == warned
+    assert f"LR* {best_lr:g} -> {best_lr:g}" in found.finding
 
 
 def test_claims_without_their_data_are_not_tested():

@@ -69,9 +69,11 @@ def progressive_sensitivity(results: pd.DataFrame, n_boot: int, seed: int) -> Cl
     trends = curves.rank_trends(delta, ["schedule", "gamma"], n_boot, seed)
     weakest = trends.loc[trends["rho"].idxmin()]
     holds = bool((trends["rho"] >= RHO_NEEDED).all())
+    per_schedule = "; ".join(f"{schedule}: {'every' if (rows['rho'] >= RHO_NEEDED).all() else 'not every'} gamma "
+                             f"reaches {RHO_NEEDED}" for schedule, rows in trends.groupby("schedule"))
     finding = (f"Spearman rho of the bpb increase under noise with tokens, per schedule and gamma: "
                f"{_list_trends(trends)}. Lowest: {weakest['rho']:.2f} ({weakest['schedule']}, gamma {weakest['gamma']:g}); "
-               f"the claim needs >= {RHO_NEEDED} everywhere.")
+               f"the claim needs >= {RHO_NEEDED} everywhere. By schedule, {per_schedule}.")
     return Claim(1, title, holds, finding, [("sensitivity_rank_trend", trends)])
 
 
@@ -235,12 +237,13 @@ def tuned_lr_inflections(results: pd.DataFrame, n_boot: int, seed: int) -> Claim
     final = tables.finetune_final(results)
     if final.empty:
         return Claim(5, title, None, "No fine-tuning in this run.")
-    rows, sentences = [], []
+    rows, sentences, tuned_lrs = [], [], []
     for task in sorted(final["task"].dropna().unique()):
         id_metric, higher_is_better = id_metric_for(final[final["task"] == task])
         task_metric = tables.final_points(results, id_metric).query("task == @task")
         ood = tables.final_points(results, "ood_bpb").query("task == @task")
         tuned = curves.tuned_lr(task_metric, higher_is_better)
+        tuned_lrs += tuned["lr"].tolist()
         t_ft = curves.inflections(curves.tuned_points(task_metric, tuned), ["schedule"], higher_is_better, n_boot, seed)
         t_pre = curves.inflections(curves.tuned_points(ood, tuned), ["schedule"], n_boot=n_boot, seed=seed)
         for schedule, lrs in tuned.groupby("schedule"):
@@ -254,8 +257,17 @@ def tuned_lr_inflections(results: pd.DataFrame, n_boot: int, seed: int) -> Claim
                              f"optimal LR {trend.trend} (slope {trend.slope:+.2f}, LR* {_lr_path(lrs)})")
     table = pd.DataFrame(rows)
     holds = bool(table[["T_ft", "T_pre"]].notna().any(axis=None))
+    grid_note = _grid_edge_warning(tuned_lrs, sorted(final["lr"].dropna().unique()))
     return Claim(5, title, holds, ". ".join(sentences) + ". The claim holds if any task shows T_ft or T_pre "
-                 "within the budgets.", [("tuned_lr_inflections", table)])
+                 "within the budgets." + grid_note, [("tuned_lr_inflections", table)])
+
+
+def _grid_edge_warning(tuned_lrs: list[float], grid: list[float]) -> str:
+    """A tuned LR pinned to the end of the grid is a bound, not an optimum: say so."""
+    if len(grid) < 2 or not tuned_lrs or not set(tuned_lrs) <= {grid[0], grid[-1]}:
+        return ""
+    return (f" Every tuned LR sits at an end of the grid ({grid[0]:g}-{grid[-1]:g}): the best LR may lie outside it, "
+            "so the LR trend is bounded by the grid rather than measured.")
 
 
 def _row(found: pd.DataFrame, schedule: str) -> pd.Series:
