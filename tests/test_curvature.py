@@ -90,6 +90,32 @@ def test_hvp_equals_dense_hessian_times_vector(setup, method):
     assert relative_error(product, dense @ vector) < 1e-6
 
 
+def test_hvps_from_a_kept_graph_equal_fresh_ones_and_the_gradient(setup):
+    _, _, objective, _ = setup
+    generator = torch.Generator().manual_seed(2)
+    vectors = [unflatten(torch.randn(objective.dimension, dtype=torch.float64, generator=generator), objective.params)
+               for _ in range(3)]
+    fresh = [objective.gradient_and_hvp(v) for v in vectors]
+    with objective.kept_graph():
+        kept = [objective.gradient_and_hvp(v) for v in vectors]  # the same graph serves every vector
+    for (fresh_gradient, fresh_hvp), (kept_gradient, kept_hvp) in zip(fresh, kept):
+        assert torch.equal(flatten(kept_hvp), flatten(fresh_hvp))
+        assert torch.equal(flatten(kept_gradient), flatten(fresh_gradient))
+    assert objective._kept_graphs is None  # released at the end of the block
+
+
+def test_writing_to_the_weights_under_a_kept_graph_raises_instead_of_going_stale(setup):
+    model, _, objective, _ = setup
+    vector = {n: torch.ones_like(p) for n, p in objective.params.items()}
+    weight = model.get_input_embeddings().weight
+    with objective.kept_graph():
+        objective.hvp(vector)
+        with torch.no_grad():
+            weight.add_(0.0)  # same values, new version: the saved tensors are no longer trusted
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            objective.hvp(vector)
+
+
 def test_top_eigenvalues_match_dense(setup):
     _, _, objective, dense = setup
     result = hessian_eigenvalues(objective, k=3, tol=1e-8)

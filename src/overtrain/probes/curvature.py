@@ -2,7 +2,8 @@
 
 The loss is an `Objective`: a function of named parameters written as a sum of
 terms, one per batch, so that gradients and Hessian-vector products (HVPs) are
-accumulated term by term and only one batch's graph is alive at a time. For a
+accumulated term by term and only one batch's graph is alive at a time (solvers
+trade that for speed inside `Objective.kept_graph`, see there). For a
 causal LM over a fixed list of batches (`causal_lm_objective`) the loss is
 
     L(theta) = sum over batches, sum over unmasked next-token positions of -log p(y | x)
@@ -64,6 +65,7 @@ class Objective:
     terms: list[LossFn]
     context: Callable[[], AbstractContextManager] = nullcontext
     hvp_method: str = "double_backward"
+    _kept_graphs: list[tuple[Params, tuple]] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.hvp_method not in HVP_METHODS:
@@ -90,9 +92,33 @@ class Objective:
 
     def gradient_and_hvp(self, vector: Params) -> tuple[Params, Params]:
         """(gradient g, Hessian-vector product H v) at the objective's point."""
+        if self._kept_graphs is not None:
+            return _sum_pairs_over_terms(self._kept_graphs, partial(_hvp_from_gradient_graph, vector))
         term_hvp = _term_hvp_double_backward if self.hvp_method == "double_backward" else _term_hvp_jvp_of_grad
         with self.context():
             return _sum_pairs_over_terms(self.terms, partial(term_hvp, self.params, vector))
+
+    @contextmanager
+    def kept_graph(self) -> Iterator[None]:
+        """Within this block, HVPs by double backward re-use one gradient graph per term.
+
+        A double-backward HVP first builds the gradient with its graph (a forward and a
+        backward pass), then differentiates g . v. At a fixed point that graph is the
+        same for every v, so a solver that takes many HVPs (Lanczos, Hutchinson) keeps
+        it: each further HVP is only the second backward. The price is memory: every
+        term's graph is held until the block ends. Writing to the weights inside the
+        block makes autograd raise (the saved tensors' versions change), never a stale
+        product. jvp-of-grad objectives are unaffected.
+        """
+        if self.hvp_method != "double_backward" or self._kept_graphs is not None:
+            yield
+            return
+        with self.context():
+            self._kept_graphs = [_gradient_graph(self.params, term) for term in self.terms]
+        try:
+            yield
+        finally:
+            self._kept_graphs = None
 
     def hvp(self, vector: Params) -> Params:
         return self.gradient_and_hvp(vector)[1]
@@ -110,12 +136,23 @@ def _term_gradient(params: Params, term: LossFn) -> Params:
     return dict(zip(leaves, grads))
 
 
-def _term_hvp_double_backward(params: Params, vector: Params, term: LossFn) -> tuple[Params, Params]:
+def _gradient_graph(params: Params, term: LossFn) -> tuple[Params, tuple]:
+    """Fresh leaves and the term's gradient with respect to them, with its graph."""
     leaves = _leaves(params)
-    grads = torch.autograd.grad(term(leaves), list(leaves.values()), create_graph=True, materialize_grads=True)
+    return leaves, torch.autograd.grad(term(leaves), list(leaves.values()), create_graph=True, materialize_grads=True)
+
+
+def _hvp_from_gradient_graph(vector: Params, graph: tuple[Params, tuple], keep: bool = True) -> tuple[Params, Params]:
+    leaves, grads = graph
     grad_dot_vector = sum((g * vector[n]).sum() for n, g in zip(leaves, grads))
-    hvps = torch.autograd.grad(grad_dot_vector, list(leaves.values()), materialize_grads=True)
-    return {n: g.detach() for n, g in zip(leaves, grads)}, dict(zip(leaves, hvps))
+    hvps = torch.autograd.grad(grad_dot_vector, list(leaves.values()), retain_graph=keep, materialize_grads=True)
+    # A kept graph still holds the gradients: hand out copies, callers add into them.
+    gradient = {n: g.detach().clone() if keep else g.detach() for n, g in zip(leaves, grads)}
+    return gradient, dict(zip(leaves, hvps))
+
+
+def _term_hvp_double_backward(params: Params, vector: Params, term: LossFn) -> tuple[Params, Params]:
+    return _hvp_from_gradient_graph(vector, _gradient_graph(params, term), keep=False)
 
 
 def _term_hvp_jvp_of_grad(params: Params, vector: Params, term: LossFn) -> tuple[Params, Params]:
@@ -282,18 +319,20 @@ def hessian_eigenvalues(objective: Objective, k: int = 1, tol: float = 1e-4, see
     the Lanczos basis size, defaults to max(2k + 1, 8): scipy's default of 20 spends
     20 HVPs before its first convergence check, where 9-12 HVPs reach 1e-6 on the
     benchmark model. The start vector is a seeded Gaussian: same seed, same numbers.
+    The HVPs share one kept gradient graph (see `Objective.kept_graph`).
     """
     operator = HessianOperator(objective)
     dimension = operator.shape[0]
     ncv = min(dimension, max(2 * k + 1, 8)) if ncv is None else ncv
     start_vector = np.random.default_rng(seed).standard_normal(dimension)
     started = time.perf_counter()
-    values, vectors = eigsh(operator, k=k, which="LA", tol=tol, v0=start_vector, ncv=ncv, maxiter=max_restarts)
-    seconds = time.perf_counter() - started
-    hvp_count = operator.hvp_count
-    order = np.argsort(values)[::-1]
-    values, vectors = values[order], vectors[:, order]
-    residuals = [operator.residual(value, vectors[:, i]) for i, value in enumerate(values)]
+    with objective.kept_graph():
+        values, vectors = eigsh(operator, k=k, which="LA", tol=tol, v0=start_vector, ncv=ncv, maxiter=max_restarts)
+        seconds = time.perf_counter() - started
+        hvp_count = operator.hvp_count
+        order = np.argsort(values)[::-1]
+        values, vectors = values[order], vectors[:, order]
+        residuals = [operator.residual(value, vectors[:, i]) for i, value in enumerate(values)]
     return HessianEigen([float(v) for v in values], residuals, hvp_count, seconds, vectors)
 
 
@@ -320,8 +359,13 @@ def hessian_trace(objective: Objective, n_hvps: int = 30, seed: int = 0, method:
     "hutch++" (Meyer et al. 2021): the trace of H on a sketched top subspace exactly,
     plus Hutchinson on the rest; lower variance when a few eigenvalues dominate, but
     it holds 2 * n_hvps / 3 parameter-sized vectors. The standard error is that of
-    the Hutchinson part (the sketched part is exact given the sketch).
+    the Hutchinson part (the sketched part is exact given the sketch). The HVPs share
+    one kept gradient graph (see `Objective.kept_graph`).
     """
+    if method not in ("hutchinson", "hutch++"):
+        raise ValueError(f"method={method!r}: choose 'hutchinson' or 'hutch++'")
+    if method == "hutch++" and (n_hvps // 3 < 1 or n_hvps - 2 * (n_hvps // 3) < 2):
+        raise ValueError(f"hutch++ needs n_hvps >= 4, got {n_hvps}")
     generator = torch.Generator().manual_seed(seed)
     params = objective.params
     some_param = next(iter(params.values()))
@@ -333,27 +377,28 @@ def hessian_trace(objective: Objective, n_hvps: int = 30, seed: int = 0, method:
     def hvp(vector: torch.Tensor) -> torch.Tensor:
         return flatten(objective.hvp(unflatten(vector, params)))
 
+    with objective.kept_graph():
+        return _trace_estimate(hvp, rademacher, n_hvps, method)
+
+
+def _trace_estimate(hvp, rademacher, n_hvps: int, method: str) -> HessianTrace:
     if method == "hutchinson":
         samples = []
         for _ in range(n_hvps):
             probe = rademacher()
             samples.append(torch.dot(probe, hvp(probe)).double().item())
         return HessianTrace(float(np.mean(samples)), _standard_error(samples), n_hvps, method)
-    if method == "hutch++":
-        n_sketch = n_hvps // 3
-        n_residual = n_hvps - 2 * n_sketch
-        if n_sketch < 1 or n_residual < 2:
-            raise ValueError(f"hutch++ needs n_hvps >= 4, got {n_hvps}")
-        sketch = torch.stack([hvp(rademacher()) for _ in range(n_sketch)], dim=1)
-        basis, _ = torch.linalg.qr(sketch)
-        exact_part = sum(torch.dot(basis[:, i], hvp(basis[:, i])).double().item() for i in range(n_sketch))
-        samples = []
-        for _ in range(n_residual):
-            probe = rademacher()
-            probe = probe - basis @ (basis.T @ probe)  # project out the sketched subspace
-            samples.append(torch.dot(probe, hvp(probe)).double().item())
-        return HessianTrace(exact_part + float(np.mean(samples)), _standard_error(samples), n_hvps, method)
-    raise ValueError(f"method={method!r}: choose 'hutchinson' or 'hutch++'")
+    n_sketch = n_hvps // 3  # hutch++
+    n_residual = n_hvps - 2 * n_sketch
+    sketch = torch.stack([hvp(rademacher()) for _ in range(n_sketch)], dim=1)
+    basis, _ = torch.linalg.qr(sketch)
+    exact_part = sum(torch.dot(basis[:, i], hvp(basis[:, i])).double().item() for i in range(n_sketch))
+    samples = []
+    for _ in range(n_residual):
+        probe = rademacher()
+        probe = probe - basis @ (basis.T @ probe)  # project out the sketched subspace
+        samples.append(torch.dot(probe, hvp(probe)).double().item())
+    return HessianTrace(exact_part + float(np.mean(samples)), _standard_error(samples), n_hvps, method)
 
 
 def _standard_error(samples: list[float]) -> float:
