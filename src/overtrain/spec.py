@@ -35,6 +35,9 @@ class DataSpec(Section):
     text_field: str = Field("text", description="Field holding the text in jsonl/parquet/datasets corpora.")
     heldout_fraction: Annotated[float, Field(gt=0, lt=1)] = Field(0.02, description="Fraction of documents held out for evaluation (split by document).")
     max_documents: PositiveInt | None = Field(None, description="Use only the first N documents (after the seeded shuffle); null for all.")
+    code_fraction: Annotated[float, Field(ge=0, lt=1)] = Field(
+        0.0, description="Share of the training text (in characters) that is Python standard-library source with its "
+        "docstrings, added to the corpus; the modules the code tasks hold out never enter. 0: prose only.")
 
 
 class TokenizerSpec(Section):
@@ -129,6 +132,9 @@ class FinetuneSpec(Section):
     benchmarks: list[Literal["arc_easy", "arc_challenge", "piqa", "hellaswag", "sciq", "winogrande"]] = Field(
         [], description="OOD benchmarks (multiple-choice log-likelihood, lm-eval style) scored before and after fine-tuning.")
     benchmark_limit: PositiveInt = Field(100, description="Items per benchmark (the first N, a fixed subset).")
+    docstring_prompts: Annotated[int, Field(ge=0)] = Field(
+        0, description="Behavioural residue, for code tasks: held-out function headers whose sampled continuations "
+        "(4 each) are checked for a docstring before and after fine-tuning (`docstring_rate`); 0 to skip.")
 
 
 class MitigationSpec(Section):

@@ -127,6 +127,25 @@ def panels_figure(table: pd.DataFrame, hue: str, hue_label: str, ylabel: str, ti
     return save(fig, path)
 
 
+def before_after_figure(before: pd.DataFrame, after: pd.DataFrame, ylabel: str, title: str, path: Path) -> Path:
+    """A panel per schedule: the checkpoints before fine-tuning (grey) and after it, a line per LR."""
+    schedules = sorted(set(before["schedule"]) | set(after["schedule"]))
+    lrs = sorted(after["lr"].unique())
+    colors = dict(zip(lrs, plt.cm.plasma(np.linspace(0.05, 0.8, len(lrs)))))
+    fig, axes = plt.subplots(1, len(schedules), figsize=(PANEL_SIZE[0] * len(schedules), PANEL_SIZE[1]),
+                             squeeze=False, sharey=True)
+    for ax, schedule in zip(axes[0], schedules):
+        draw_curve(ax, before[before["schedule"] == schedule], schedule, "grey", "before fine-tuning")
+        for lr in lrs:
+            curve = after[(after["schedule"] == schedule) & (after["lr"] == lr)]
+            if not curve.empty:
+                draw_curve(ax, curve, schedule, colors[lr], f"after, LR {lr:g}")
+        token_axis(ax, ylabel if ax is axes[0][0] else "", f"{schedule_style(schedule)[3]}")
+        _legend(ax)
+    fig.suptitle(title, fontsize=11)
+    return save(fig, path)
+
+
 def _found_inflection(inflections: pd.DataFrame | None, schedule: str, hue: str, value) -> pd.Series | None:
     if inflections is None or inflections.empty:
         return None

@@ -126,6 +126,7 @@ class Report:
             self.sensitivity(),
             *[self.fixed_lr(t) for t in self.tasks],
             *[self.tuned_lr(t) for t in self.tasks],
+            self.residue(),
             self.sharpness(),
             self.theory(),
             self.mitigations(),
@@ -296,6 +297,33 @@ class Report:
         return figures
 
     # -- sections that appear once their data exist ----------------------------------------
+
+    def residue(self) -> Section:
+        """The docstring habit of pre-training, before and after fine-tuning on code without it."""
+        section = Section("Behavioural residue: docstrings")
+        start, final = tables.finetune_start(self.results), tables.finetune_final(self.results)
+        by_checkpoint = ["schedule", "decayed", "tokens"]
+        for task in sorted(final.loc[final["metric"] == "docstring_rate", "task"].unique()):
+            # Every fine-tune of a checkpoint measures it before training: one row per sampling seed is enough.
+            before = _task(start.query("metric == 'docstring_rate'"), task).drop_duplicates(["checkpoint", "seed"])
+            after = _task(final.query("metric == 'docstring_rate'"), task)
+            before_table = tables.mean_with_ci(before, by_checkpoint)
+            after_table = tables.mean_with_ci(after, [*by_checkpoint, "lr"])
+            png = plots.before_after_figure(before_table, after_table, "docstring rate of sampled function bodies",
+                                            f"Docstrings after fine-tuning on {task}",
+                                            self.out / f"residue_{file_stem(task)}.png")
+            habit = before_table["mean"].mean()
+            left = ("no docstrings were sampled before fine-tuning, so there is no habit to lose" if habit == 0 else
+                    "share of the habit left (mean over checkpoints, after / before): " + "; ".join(
+                        f"LR {lr:g}: {rate / habit:.0%}" for lr, rate in after_table.groupby("lr")["mean"].mean().items()))
+            section.figures.append(Figure(png, (
+                f"Held-out function headers, 4 sampled bodies each: how often the model opens the body with a "
+                f"docstring, before fine-tuning (grey) and after fine-tuning on {task} (bands: 95% intervals over "
+                f"seeds). Before: " + "; ".join(f"{s}: {_first_last(c, 'mean')}" for s, c in before_table.groupby("schedule"))
+                + f". The {left}.")))
+            section.tables += [(f"residue_before_{file_stem(task)}", before_table),
+                               (f"residue_after_{file_stem(task)}", after_table)]
+        return section
 
     def sharpness(self) -> Section:
         section = Section("Sharpness")

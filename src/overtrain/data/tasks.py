@@ -274,14 +274,25 @@ def chunk_code(source: str, max_chars: int) -> list[str]:
     return [c.lstrip("\n") for c in chunks if c.strip()]
 
 
-@register("code", "Python standard library source, chunked; strip_docstrings=True drops docstrings and comments", 0.1)
+CODE_HELDOUT_FRACTION = 0.1
+
+
+def code_modules(seed: int, heldout_fraction: float = CODE_HELDOUT_FRACTION) -> tuple[list[str], list[str]]:
+    """(training, held-out) stdlib module paths of the code tasks; anything mixing code into
+    pre-training takes only the training ones."""
+    modules = list(stdlib_sources())
+    return split_by_group(modules, modules, heldout_fraction, seed)
+
+
+@register("code", "Python standard library source, chunked; strip_docstrings=True drops docstrings and comments",
+          CODE_HELDOUT_FRACTION)
 def _code(seed: int, heldout_fraction: float, strip_docstrings: bool = False, chunk_chars: int = 1500):
     sources = stdlib_sources()
     digest = hashlib.sha256(json.dumps(sources, sort_keys=True).encode()).hexdigest()
     if strip_docstrings:
         sources = _stripped_stdlib(sources)
     # Modules are split before chunking, so both variants hold out the same modules.
-    _, heldout_modules = split_by_group(list(sources), list(sources), heldout_fraction, seed)
+    _, heldout_modules = code_modules(seed, heldout_fraction)
     held = set(heldout_modules)
     train, heldout = [], []
     for module, text in sources.items():
@@ -295,6 +306,27 @@ def _code(seed: int, heldout_fraction: float, strip_docstrings: bool = False, ch
         "strip_docstrings": strip_docstrings,
         "chunk_chars": chunk_chars,
     }
+
+
+@register("code_nodoc", "the code task with docstrings and comments stripped (same held-out modules): a habit "
+          "of pre-training that fine-tuning never shows", CODE_HELDOUT_FRACTION)
+def _code_without_docstrings(seed: int, heldout_fraction: float, chunk_chars: int = 1500):
+    return _code(seed, heldout_fraction, strip_docstrings=True, chunk_chars=chunk_chars)
+
+
+def function_headers(source: str) -> list[str]:
+    """Each function's `def` line(s) up to its body, ending with the body's indentation.
+
+    The prompts of the docstring probe: what a model writes next is the habit measured.
+    """
+    lines = source.splitlines(keepends=True)
+    headers = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.body[0].lineno > node.lineno:
+            header = "".join(lines[node.lineno - 1:node.body[0].lineno - 1])
+            if header.rstrip().endswith(":"):  # skips bodies that start on the `def` line's last line
+                headers.append(header.rstrip() + "\n" + " " * node.body[0].col_offset)
+    return headers
 
 
 BUILTIN_TASKS = tuple(TASKS)

@@ -25,6 +25,7 @@ from overtrain.probes.drift import parameter_drift
 from overtrain.probes.generation import math_exact_match, multiple_choice_accuracy
 from overtrain.probes.loss import heldout_metrics
 from overtrain.probes.perturb import gaussian_sensitivity
+from overtrain.probes.residue import docstring_prompts, docstring_rate
 from overtrain.probes.sharpness import critical_sharpness, kl_sharpness
 from overtrain.schedules import Schedule
 from overtrain.spec import StudySpec
@@ -66,6 +67,8 @@ class StudyContext:
                 pad_id=self.corpus.tokenizer.pad_token_id,
                 scored=task.heldout[: ft.accuracy_examples],
                 name=task.name,
+                docstring_prompts=docstring_prompts(self.spec.seed, ft.docstring_prompts)
+                if ft.docstring_prompts and "heldout_modules" in task.metadata else [],
             )
         return self._tasks[name]
 
@@ -77,6 +80,7 @@ class TokenizedTask:
     pad_id: int
     scored: list[Example]  # held-out examples scored for accuracy
     name: str
+    docstring_prompts: list[str]  # held-out function headers (code tasks, when the probe is on)
 
     def accuracy(self, model, tokenizer) -> dict[str, float]:
         """`id_acc` where it means something: choice log-likelihood, or math exact match."""
@@ -87,6 +91,11 @@ class TokenizedTask:
         if self.name == "math":
             return {"id_acc": math_exact_match(model, tokenizer, self.scored)}
         return {}
+
+    def residue(self, model, tokenizer, seed: int) -> dict[str, float]:
+        """`docstring_rate` of sampled continuations of held-out function headers, where measured."""
+        return {"docstring_rate": docstring_rate(model, tokenizer, self.docstring_prompts, seed)} \
+            if self.docstring_prompts else {}
 
     def batches(self, batch_size: int, seed: int) -> Iterator[dict[str, torch.Tensor]]:
         """Endless seeded batches of training examples, reshuffled every epoch."""
@@ -256,7 +265,7 @@ def run_finetune(cell: Cell, key: str, ctx: StudyContext) -> list[dict]:
 
     def capabilities(m: torch.nn.Module) -> dict[str, float]:
         """Slower measures, taken before and after fine-tuning only."""
-        scores = task.accuracy(m, tokenizer)
+        scores = task.accuracy(m, tokenizer) | task.residue(m, tokenizer, cfg["seed"])
         for name in cfg["benchmarks"]:
             result = evaluate_mc(m, tokenizer, load_benchmark(name), limit=cfg["benchmark_limit"])
             scores |= {f"bench_{name}_acc": result["acc"], f"bench_{name}_acc_norm": result["acc_norm"]}

@@ -56,8 +56,10 @@ def plan_study(spec: StudySpec) -> list[Cell]:
             for task in ft.tasks:
                 for lr in ft.lrs:
                     for seed in ft.seeds:
+                        # A probe switched off stays out of the key: runs made before it existed are reused.
+                        off = {"docstring_prompts"} if not ft.docstring_prompts else set()
                         config = {**_checkpoint_context(ref), "task": task, "lr": lr, "seed": seed,
-                                  **ft.model_dump(exclude={"tasks", "lrs", "seeds"}),
+                                  **ft.model_dump(exclude={"tasks", "lrs", "seeds", *off}),
                                   "eval": spec.eval.model_dump(), "sharpness": _sharpness(spec),
                                   "mitigation": None, "wise": spec.mitigations.wise if spec.mitigations else []}
                         label = f"finetune {ref.name} {task} lr={lr:g} seed={seed}"

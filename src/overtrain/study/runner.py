@@ -28,6 +28,7 @@ import transformers
 
 from overtrain import __version__
 from overtrain.checkpoints import MANIFEST, read_manifest
+from overtrain.data.code_mix import mix_in_code
 from overtrain.data.corpus import PreparedCorpus, prepare_corpus
 from overtrain.data.sources import default_documents, load_documents, split_documents
 from overtrain.spec import StudySpec
@@ -206,6 +207,8 @@ def _documents(spec: StudySpec) -> tuple[list[str], list[str]]:
     train, heldout = split_documents(documents, data.heldout_fraction, spec.seed)
     if data.max_documents:
         train = train[: data.max_documents]
+    if data.code_fraction:
+        train = mix_in_code(train, data.code_fraction, spec.seed)
     return train, heldout
 
 
