@@ -80,7 +80,7 @@ class TokenizedTask:
     pad_id: int
     scored: list[Example]  # held-out examples scored for accuracy
     name: str
-    docstring_prompts: list[str]  # held-out function headers (code tasks, when the probe is on)
+    docstring_prompts: list[str] = field(default_factory=list)  # held-out function headers (code tasks, probe on)
 
     def accuracy(self, model, tokenizer) -> dict[str, float]:
         """`id_acc` where it means something: choice log-likelihood, or math exact match."""
