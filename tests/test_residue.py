@@ -12,7 +12,7 @@ import yaml
 
 from overtrain.data.code_mix import mix_in_code
 from overtrain.data.tasks import code_modules, function_headers, load_task, stdlib_sources, strip_docstrings_and_comments
-from overtrain.probes.residue import docstring_prompts, docstring_rate, opens_with_docstring
+from overtrain.probes.residue import docstring_prompts, docstring_rate, opens_with_docstring, sample_continuations
 from overtrain.schedules import Schedule
 from overtrain.train import TrainConfig, train
 
@@ -22,15 +22,31 @@ DOCUMENTABLE = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
 
 @pytest.mark.parametrize("body, expected", [
     ('"""Return x."""\n', True), ("'''Doc'''", True), ('r"""raw"""', True), ('  "one line"', True),
-    ("return x\n", False), ("# comment\n", False), ("x = '''not first'''", False), ("", False),
+    ('\n        """Doc."""', True), ("\n\n    'x'", True),
+    ("return x\n", False), ("# comment\n", False), ("x = '''not first'''", False), ("\n    pass", False), ("", False),
 ])
 def test_a_body_opens_with_a_docstring_only_if_its_first_statement_is_a_string(body, expected):
     assert opens_with_docstring(body) is expected
 
 
-def test_function_headers_end_where_the_body_starts_with_its_indentation():
+def test_function_headers_end_at_the_colon_before_the_body():
     source = 'class A:\n    def f(self,\n          x):\n        """Doc."""\n        return x\n\ndef g(): return 1\n'
-    assert function_headers(source) == ["    def f(self,\n          x):\n        "]  # g's body is on its def line
+    assert function_headers(source) == ["    def f(self,\n          x):"]  # g's body is on its def line
+
+
+def test_a_prompt_ends_on_a_token_boundary_of_the_function_it_comes_from():
+    """With a BPE vocabulary the prompt's tokens begin the function's tokens: the model
+    continues from a state that real code puts it in."""
+    from overtrain.data.tokenizer import train_tokenizer
+
+    sources = stdlib_sources()
+    train_modules, heldout_modules = code_modules(seed=0)
+    tokenizer = train_tokenizer([sources[m] for m in train_modules[:60]], 2048)
+    source = sources[heldout_modules[0]]
+    for header in function_headers(source)[:20]:
+        function = source[source.index(header):]
+        prompt_ids = tokenizer(header, add_special_tokens=False)["input_ids"]
+        assert tokenizer(function, add_special_tokens=False)["input_ids"][:len(prompt_ids)] == prompt_ids, header
 
 
 def test_code_mixed_into_pretraining_never_holds_a_held_out_module():
@@ -73,6 +89,17 @@ def test_docstring_rate_is_seeded_and_sees_what_the_model_writes(tiny_model, byt
     quotes = {"input_ids": torch.full((8, 32), quote), "labels": torch.full((8, 32), quote)}
     train(tiny_model, itertools.repeat(quotes), TrainConfig(steps=40, schedule=Schedule("constant", 1e-2, 40)))
     assert docstring_rate(tiny_model, tokenizer, prompts, seed=3) >= 0.9
+
+
+def test_the_same_seed_samples_the_same_text(tiny_model, byte_corpus):
+    tokenizer, prompt = byte_corpus.tokenizer, docstring_prompts(seed=0, n=1)[0]
+
+    def sampled(seed: int) -> list[str]:
+        return sample_continuations(tiny_model, tokenizer, prompt, 4, 24, torch.Generator().manual_seed(seed))
+
+    assert sampled(7) == sampled(7)
+    assert sampled(7) != sampled(8)
+    assert all(len(text) <= 24 for text in sampled(7))  # bytes: one character per token
 
 
 @pytest.mark.timeout(600)

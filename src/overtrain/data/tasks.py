@@ -315,9 +315,12 @@ def _code_without_docstrings(seed: int, heldout_fraction: float, chunk_chars: in
 
 
 def function_headers(source: str) -> list[str]:
-    """Each function's `def` line(s) up to its body, ending with the body's indentation.
+    """Each function's `def` line(s), ending with the colon before its body.
 
     The prompts of the docstring probe: what a model writes next is the habit measured.
+    They stop before the newline: byte-level BPE cuts `\\n` + indentation before its last
+    space, which joins the body's first token (a docstring's quotes), so a prompt ending
+    in the indentation would end on a token that never comes before a body in real code.
     """
     lines = source.splitlines(keepends=True)
     headers = []
@@ -325,7 +328,7 @@ def function_headers(source: str) -> list[str]:
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.body[0].lineno > node.lineno:
             header = "".join(lines[node.lineno - 1:node.body[0].lineno - 1])
             if header.rstrip().endswith(":"):  # skips bodies that start on the `def` line's last line
-                headers.append(header.rstrip() + "\n" + " " * node.body[0].col_offset)
+                headers.append(header.rstrip())
     return headers
 
 
