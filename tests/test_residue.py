@@ -95,7 +95,7 @@ def test_the_same_seed_samples_the_same_text(tiny_model, byte_corpus):
     tokenizer, prompt = byte_corpus.tokenizer, docstring_prompts(seed=0, n=1)[0]
 
     def sampled(seed: int) -> list[str]:
-        return sample_continuations(tiny_model, tokenizer, prompt, 4, 24, torch.Generator().manual_seed(seed))
+        return sample_continuations(tiny_model, tokenizer, [prompt], 4, 24, torch.Generator().manual_seed(seed))
 
     assert sampled(7) == sampled(7)
     assert sampled(7) != sampled(8)
