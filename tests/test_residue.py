@@ -120,3 +120,5 @@ def test_a_study_with_code_in_pretraining_reports_the_docstring_rate_before_and_
     assert rates["value"].between(0, 1).all()
     summary = (build_report(tmp_path / "run", n_boot=50) / "summary.md").read_text()
     assert "Behavioural residue" in summary and "after fine-tuning on code_nodoc" in summary
+    recommendation = summary[summary.index("## Recommendation"):summary.index("## Base model")]
+    assert "Behavioural residue on code_nodoc: sampled function bodies open with a docstring" in recommendation

@@ -120,13 +120,15 @@ class Report:
         self.task_metrics = {task: id_metric_for(final[final["task"] == task]) for task in self.tasks}
 
     def sections(self, task: str | None, tolerance_bpb: float) -> list[Section]:
+        lead, residue = self.recommendation([task] if task else self.tasks, tolerance_bpb), self.residue()
+        lead.paragraphs += residue.paragraphs  # a habit that survives fine-tuning belongs beside the answer
         return [
-            self.recommendation([task] if task else self.tasks, tolerance_bpb),
+            lead,
             self.base_model(),
             self.sensitivity(),
             *[self.fixed_lr(t) for t in self.tasks],
             *[self.tuned_lr(t) for t in self.tasks],
-            self.residue(),
+            residue,
             self.sharpness(),
             self.theory(),
             self.mitigations(),
@@ -312,10 +314,14 @@ class Report:
             png = plots.before_after_figure(before_table, after_table, "docstring rate of sampled function bodies",
                                             f"Docstrings after fine-tuning on {task}",
                                             self.out / f"residue_{file_stem(task)}.png")
-            habit = before_table["mean"].mean()
+            habit, after_by_lr = before_table["mean"].mean(), after_table.groupby("lr")["mean"].mean()
+            section.paragraphs.append(
+                f"Behavioural residue on {task}: sampled function bodies open with a docstring {habit:.1%} of the "
+                "time before fine-tuning, " + ", ".join(f"{rate:.1%} after it at LR {lr:g}" for lr, rate in after_by_lr.items())
+                + " (means over checkpoints and seeds).")
             left = ("no docstrings were sampled before fine-tuning, so there is no habit to lose" if habit == 0 else
                     "share of the habit left (mean over checkpoints, after / before): " + "; ".join(
-                        f"LR {lr:g}: {rate / habit:.0%}" for lr, rate in after_table.groupby("lr")["mean"].mean().items()))
+                        f"LR {lr:g}: {rate / habit:.0%}" for lr, rate in after_by_lr.items()))
             section.figures.append(Figure(png, (
                 f"Held-out function headers, 4 sampled bodies each: how often the model opens the body with a "
                 f"docstring, before fine-tuning (grey) and after fine-tuning on {task} (bands: 95% intervals over "
