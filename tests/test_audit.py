@@ -1,9 +1,14 @@
-"""The audit on a real (tiny) HF folder: every probe runs and the plain-words report reads right."""
+"""The audit on real (tiny) HF folders, one or a series: every probe runs and the plain-words report reads right."""
+
+import shutil
+from pathlib import Path
 
 import pandas as pd
 from typer.testing import CliRunner
 
+from overtrain.audit import AuditConfig, AuditResult, verdict
 from overtrain.cli import app
+from overtrain.series import SeriesCheckpoint
 from overtrain.schedules import Schedule
 from overtrain.train import TrainConfig, train
 
@@ -50,3 +55,47 @@ def test_probe_command_on_a_fine_tuned_pair(tiny_model, byte_corpus, tmp_path):
     assert {"hessian_top_eig", "hessian_trace", "kl_sharpness", "critical_sharpness", "curvature_along_u",
             "predicted_forgetting_nats", "observed_forgetting_nats", "param_drift_l2"} <= metrics
     assert frame.loc[frame["metric"] == "param_drift_l2", "value"].iloc[0] > 0
+
+
+def test_audit_of_a_series_side_by_side_with_a_verdict_each(tiny_model, byte_corpus, tmp_path):
+    """Two stages of one run and a re-upload of the second: two audits, the repeat flagged."""
+    batches = byte_corpus.train_batches(8, 64, seed=0)
+    for name in ("step15", "step30"):
+        train(tiny_model, batches, TrainConfig(steps=15, schedule=Schedule("constant", 3e-3, 15)))
+        tiny_model.save_pretrained(tmp_path / "ckpts" / name)
+        byte_corpus.tokenizer.save_pretrained(tmp_path / "ckpts" / name)
+    shutil.copytree(tmp_path / "ckpts" / "step30", tmp_path / "ckpts" / "step45")
+
+    result = CliRunner().invoke(app, ["audit", str(tmp_path / "ckpts" / "step*"), "--task", "math", "--lrs", "1e-4,1e-1",
+                                      "--steps", "2", "--gammas", "0.5", "--benchmark-limit", "4",
+                                      "--out", str(tmp_path / "audit")])
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(tmp_path / "audit" / "series.csv", index_col=0)
+    assert list(table.columns) == ["step15", "step30"]  # the repeat is not a third column
+    assert float(table.loc["held-out bpb", "step30"]) < float(table.loc["held-out bpb", "step15"])  # trained longer
+    assert {"bpb rise, noise 0.5 x init std", "forgetting (bpb) after LR 0.1", "arc_easy accuracy before fine-tuning",
+            "piqa accuracy after LR 0.0001", "safe up to LR"} <= set(table.index)
+    page = (tmp_path / "audit" / "series.md").read_text()
+    for name in ("step15", "step30"):
+        small, large = (float(table.loc[f"forgetting (bpb) after LR {lr}", name]) > 0.05 for lr in ("0.0001", "0.1"))
+        expected = "fragile at every LR tried" if small else "fragile above LR 0.0001" if large else "robust"
+        line = next(line for line in page.splitlines() if line.startswith(f"- `{name}`"))
+        assert f"**{expected}" in line, line
+        assert (tmp_path / "audit" / name / "audit.md").exists()
+    assert "- `step45` (94,371,840 tokens): **duplicate weights**, identical to `step30`" in page
+    assert not (tmp_path / "audit" / "step45").exists()
+
+
+def sweep_result(forgetting_by_lr: dict[float, float]) -> AuditResult:
+    rows = [{"probe": "finetune", "lr": 0.0, "metric": "ood_bpb", "value": 1.0}]
+    rows += [{"probe": "finetune", "lr": lr, "metric": "ood_bpb", "value": 1.0 + rise} for lr, rise in forgetting_by_lr.items()]
+    return AuditResult(SeriesCheckpoint("m", None, Path("m")), AuditConfig(lrs=tuple(forgetting_by_lr), tolerance_bpb=0.05),
+                       rows)
+
+
+def test_verdict_names_the_first_lr_that_forgets_too_much():
+    assert verdict(sweep_result({1e-5: 0.0, 1e-4: 0.01, 1e-3: 0.02})).startswith("**robust at these LRs**")
+    assert "up to 0.001" in verdict(sweep_result({1e-5: 0.0, 1e-4: 0.01, 1e-3: 0.02}))
+    partial = verdict(sweep_result({1e-5: 0.0, 1e-4: 0.2, 1e-3: 0.01}))  # safe again at 1e-3: not a safe range
+    assert partial.startswith("**fragile above LR 1e-05**") and "at LR 0.0001 it forgets +0.200 bpb" in partial
+    assert verdict(sweep_result({1e-5: 0.3, 1e-4: 0.4})).startswith("**fragile at every LR tried**")

@@ -3,9 +3,9 @@
 import json
 
 import pytest
+from tiny_series import build_hub_cache, save_tiny
 
 from overtrain.checkpoints import CheckpointError
-from overtrain.models import ModelSize, build_model
 from overtrain.series import (
     PYTHIA_TOKENS_PER_STEP,
     hash_and_flag_duplicates,
@@ -21,22 +21,6 @@ def test_token_counts_parsed_from_revision_names():
     assert tokens_from_name("stage1-step928646-tokens3896B") == 3896 * 10**9
     assert tokens_from_name("step20000-tokens84M") == 84 * 10**6
     assert tokens_from_name("main") is None
-
-
-def save_tiny(folder, seed, tokenizer):
-    model = build_model(ModelSize(d_model=16, n_layers=1, n_heads=2, max_seq_len=32), len(tokenizer), seed=seed)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-
-
-def build_hub_cache(root, repo_id, revisions_to_seed, tokenizer):
-    """The layout huggingface_hub reads offline: refs/<revision> -> snapshots/<commit>/."""
-    repo = root / f"models--{repo_id.replace('/', '--')}"
-    for index, (revision, seed) in enumerate(revisions_to_seed.items()):
-        commit = f"{index:040x}"
-        save_tiny(repo / "snapshots" / commit, seed, tokenizer)
-        (repo / "refs").mkdir(parents=True, exist_ok=True)
-        (repo / "refs" / revision).write_text(commit)
 
 
 def test_hub_revisions_resolve_offline_pin_commits_and_flag_identical_weights(tmp_path, monkeypatch, byte_corpus):

@@ -21,6 +21,12 @@ BAD = {
     "wsd branch inside warmup": ("pretrain:\n  budgets: [40960, 81920]\n  schedules: [constant, wsd]\n  warmup_tokens: 40000\n",
                                  "pretrain.warmup_tokens: 40000 tokens is past where the wsd branch"),
     "heads do not divide width": (GOOD + "model:\n  d_model: 30\n", "model.d_model=30 is not divisible"),
+    "neither pretrain nor checkpoints": ("finetune:\n  lrs: [1e-4]\n", "pretrain: missing (or `checkpoints`"),
+    "pretrain and checkpoints": (GOOD + "checkpoints:\n  folders: ckpts/*\n", "drop `pretrain` or `checkpoints`"),
+    "checkpoints without a source": ("checkpoints:\n  seq_len: 64\n", "checkpoints: give `folders`, `hub`"),
+    "hub without revisions": ("checkpoints:\n  hub: EleutherAI/pythia-70m\n", "checkpoints.revisions: `hub` and"),
+    "tokenizer beside checkpoints": ("checkpoints:\n  folders: ckpts/*\ntokenizer:\n  vocab_size: 512\n",
+                                     "tokenizer: the checkpoints bring their own"),
 }
 
 

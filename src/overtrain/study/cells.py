@@ -1,4 +1,4 @@
-"""What each kind of cell does: pre-train, probe a checkpoint, fine-tune a checkpoint.
+"""What each kind of cell does: pre-train, import an existing checkpoint, probe a checkpoint, fine-tune a checkpoint.
 
 Each function takes a cell and the study context and returns tidy result rows
 ({metric, value} plus context columns). Checkpoints are written as side effects.
@@ -14,10 +14,11 @@ from pathlib import Path
 
 import torch
 
-from overtrain.checkpoints import load_checkpoint, load_optimizer_state, read_manifest, save_checkpoint
-from overtrain.data.corpus import PreparedCorpus
+from overtrain.checkpoints import CheckpointError, load_checkpoint, load_optimizer_state, read_manifest, save_checkpoint
 from overtrain.data.benchmarks import evaluate_mc, load_benchmark
+from overtrain.data.corpus import PreparedCorpus
 from overtrain.data.tasks import Example, load_task, tokenize_examples
+from overtrain.hashing import weights_sha256
 from overtrain.mitigations import interpolated, with_lora, with_replay
 from overtrain.models import ModelSize, build_model, init_stds, parameter_count
 from overtrain.probes.curvature import causal_lm_objective, forgetting_prediction, hessian_eigenvalues, hessian_trace
@@ -28,8 +29,9 @@ from overtrain.probes.perturb import gaussian_sensitivity
 from overtrain.probes.residue import docstring_prompts, docstring_rate
 from overtrain.probes.sharpness import critical_sharpness, kl_sharpness
 from overtrain.schedules import Schedule
+from overtrain.series import SeriesCheckpoint, load_series_model
 from overtrain.spec import StudySpec
-from overtrain.study.plan import Cell
+from overtrain.study.plan import SERIES, Cell
 from overtrain.train import TrainConfig, make_optimizer, train
 
 
@@ -48,11 +50,11 @@ class StudyContext:
     @cached_property
     def heldout_batches(self) -> list[dict[str, torch.Tensor]]:
         ev = self.spec.eval
-        return self.corpus.heldout_batches(ev.batch_size, self.spec.pretrain.seq_len, ev.heldout_tokens)
+        return self.corpus.heldout_batches(ev.batch_size, self.spec.text_seq_len, ev.heldout_tokens)
 
     def curvature_batches(self, tokens: int) -> list[dict[str, torch.Tensor]]:
         """The first `tokens` held-out tokens: the fixed set every curvature probe uses."""
-        return self.corpus.heldout_batches(self.spec.eval.batch_size, self.spec.pretrain.seq_len, tokens)
+        return self.corpus.heldout_batches(self.spec.eval.batch_size, self.spec.text_seq_len, tokens)
 
     def pretraining_metrics(self, model: torch.nn.Module) -> dict[str, float]:
         return heldout_metrics(model, self.heldout_batches, self.corpus.byte_lengths)
@@ -188,6 +190,26 @@ def _resume_point(cell: Cell, key: str, ctx: StudyContext, model, optimizer, per
     return read_manifest(source)["step"]
 
 
+# -- existing checkpoints -----------------------------------------------------------
+
+def run_import(cell: Cell, key: str, ctx: StudyContext) -> list[dict]:
+    """Copy an existing checkpoint into the run folder (float32, with its tokenizer and a manifest),
+    so that probes and fine-tunes read it like one of ours; a duplicate is only recorded."""
+    cfg = cell.config
+    if cfg["duplicate_of"] is None:
+        source = SeriesCheckpoint(label=cfg["checkpoint"], tokens=cfg["tokens"], path=Path(cfg["path"]),
+                                  gguf_file=cfg["gguf_file"])
+        model, tokenizer = load_series_model(source)
+        if weights_sha256(model) != cfg["weights_sha256"]:  # the files changed after the study was planned
+            raise CheckpointError(f"{cfg['source']}: its weights changed while the study ran; run it again")
+        save_checkpoint(model, tokenizer, ctx.checkpoint_dir / cfg["checkpoint"], {
+            "cell": key, "schedule": SERIES, "decayed": False, "tokens": cfg["tokens"], "source": cfg["source"],
+            "parameters": cfg["parameters"]})
+    return [{"checkpoint": cfg["checkpoint"], "schedule": SERIES, "decayed": 0, "tokens": cfg["tokens"],
+             "weights": cfg["weights_sha256"][:16], "duplicate_of": cfg["duplicate_of"], "source": cfg["source"],
+             "metric": "parameters", "value": cfg["parameters"]}]
+
+
 # -- probing ------------------------------------------------------------------------
 
 def run_probe(cell: Cell, key: str, ctx: StudyContext) -> list[dict]:
@@ -304,11 +326,11 @@ def _finetune_batches(task: "TokenizedTask", cfg: dict, ctx: StudyContext, repla
     batches = task.batches(cfg["batch_size"], cfg["seed"])
     if not replay:
         return batches
-    pretraining = ctx.corpus.train_batches(cfg["batch_size"], ctx.spec.pretrain.seq_len, seed=cfg["seed"] + 1)
+    pretraining = ctx.corpus.train_batches(cfg["batch_size"], ctx.spec.text_seq_len, seed=cfg["seed"] + 1)
     return with_replay(batches, pretraining, replay, task.pad_id)
 
 
-RUNNERS = {"pretrain": run_pretrain, "probe": run_probe, "finetune": run_finetune}
+RUNNERS = {"pretrain": run_pretrain, "import": run_import, "probe": run_probe, "finetune": run_finetune}
 
 
 def is_diverged(rows: list[dict]) -> bool:

@@ -49,14 +49,15 @@ def check_documents(spec: StudySpec, train: list[str], heldout: list[str]) -> No
 def check_corpus_size(spec: StudySpec, corpus: PreparedCorpus) -> None:
     """Enough training tokens for the largest budget, enough held-out tokens for one sequence."""
     available = len(corpus.train)
-    largest = trained_tokens(spec.pretrain.budgets[-1], spec)
+    largest = trained_tokens(spec.pretrain.budgets[-1], spec) if spec.pretrain else 0
     if largest > MAX_EPOCHS * available:
         raise SpecError(f"pretrain.budgets: the largest budget ({largest:,} tokens) is {largest / available:.1f} epochs "
                         f"of the training split of {spec.data.corpus} ({available:,} tokens), more than the "
                         f"{MAX_EPOCHS} allowed; use a larger corpus or smaller budgets")
-    if len(corpus.heldout) < spec.pretrain.seq_len:
+    if len(corpus.heldout) < spec.text_seq_len:
+        key = "pretrain.seq_len" if spec.pretrain else "checkpoints.seq_len"
         raise SpecError(f"data.heldout_fraction: the held-out split of {spec.data.corpus} has {len(corpus.heldout)} "
-                        f"tokens, fewer than one sequence of pretrain.seq_len={spec.pretrain.seq_len}")
+                        f"tokens, fewer than one sequence of {key}={spec.text_seq_len}")
 
 
 def check_tasks(spec: StudySpec) -> None:

@@ -1,6 +1,7 @@
 """From a study spec to cells: units of work with their configs and dependencies.
 
-Pre-training cells make checkpoints; probe and fine-tune cells read one checkpoint.
+Pre-training cells make checkpoints (or, in a study of existing checkpoints, import
+cells copy each one into the run folder); probe and fine-tune cells read one checkpoint.
 - cosine: one run per budget, annealed to zero at that budget.
 - constant: one run at the peak LR, saved at every budget (and at the points wsd
   branches leave from, with its optimizer state).
@@ -12,7 +13,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from overtrain.series import SeriesCheckpoint
 from overtrain.spec import SpecError, StudySpec
+
+SERIES = "series"  # the `schedule` of checkpoints that are not ours: how they were trained is not known
 
 
 @dataclass(frozen=True)
@@ -26,7 +30,7 @@ class CheckpointRef:
 
 @dataclass(frozen=True)
 class Cell:
-    kind: str                      # "pretrain", "probe" or "finetune"
+    kind: str                      # "pretrain", "import", "probe" or "finetune"
     label: str                     # human-readable and unique within a plan
     config: dict
     reads: str | None = None       # checkpoint this cell starts from
@@ -42,12 +46,17 @@ def trained_tokens(budget: int, spec: StudySpec) -> int:
     return steps_for(budget, spec) * spec.pretrain.batch_size * spec.pretrain.seq_len
 
 
-def plan_study(spec: StudySpec) -> list[Cell]:
-    """All cells in an order where every cell comes after the checkpoint it reads."""
-    _check_budgets(spec)
-    pretrain = _pretrain_cells(spec)
-    checkpoints = [ref for cell in pretrain for ref in cell.writes if ref.evaluate]
-    cells = list(pretrain)
+def plan_study(spec: StudySpec, series: list[SeriesCheckpoint] | None = None) -> list[Cell]:
+    """All cells in an order where every cell comes after the checkpoint it reads.
+
+    series: the study's existing checkpoints, hashed (`overtrain.series.inspect_series`),
+    when it has a `checkpoints` section.
+    """
+    if spec.checkpoints is None:
+        _check_budgets(spec)
+    makers = _pretrain_cells(spec) if spec.checkpoints is None else _import_cells(series)
+    checkpoints = [ref for cell in makers for ref in cell.writes if ref.evaluate]
+    cells = list(makers)
     for ref in checkpoints:
         cells.append(Cell("probe", f"probe {ref.name}", _probe_config(spec, ref), reads=ref.name))
     if spec.finetune:
@@ -99,6 +108,20 @@ def _pretrain_cells(spec: StudySpec) -> list[Cell]:
             cells.append(Cell("pretrain", f"pretrain wsd branch {start:,}->{budget:,} tokens",
                               {**common, "schedule": "wsd", "total_tokens": budget, "branch_from_tokens": start, "save_at": [budget]},
                               reads=f"constant-{start}", writes=(ref,)))
+    return cells
+
+
+def _import_cells(series: list[SeriesCheckpoint]) -> list[Cell]:
+    """One cell per existing checkpoint; a repeat of earlier weights is recorded, not studied again."""
+    cells = []
+    for checkpoint in series:
+        ref = CheckpointRef(checkpoint.label, SERIES, checkpoint.tokens, decayed=False)
+        config = {"checkpoint": checkpoint.label, "tokens": checkpoint.tokens, "source": checkpoint.source,
+                  "path": str(checkpoint.path), "gguf_file": checkpoint.gguf_file,
+                  "weights_sha256": checkpoint.weights_sha256, "duplicate_of": checkpoint.duplicate_of,
+                  "parameters": checkpoint.extra["parameters"]}
+        writes = () if checkpoint.duplicate_of else (ref,)
+        cells.append(Cell("import", f"import {checkpoint.label}", config, writes=writes))
     return cells
 
 

@@ -25,13 +25,15 @@ from pathlib import Path
 
 import torch
 import transformers
+from transformers import PreTrainedTokenizerBase
 
 from overtrain import __version__
-from overtrain.checkpoints import MANIFEST, read_manifest
+from overtrain.checkpoints import MANIFEST, CheckpointError, read_manifest
 from overtrain.data.code_mix import mix_in_code
 from overtrain.data.corpus import PreparedCorpus, prepare_corpus
 from overtrain.data.sources import default_documents, load_documents, split_documents
-from overtrain.spec import StudySpec
+from overtrain.series import SeriesCheckpoint, inspect_series, series_from_sources
+from overtrain.spec import SpecError, StudySpec
 from overtrain.study.checks import (check_checkpoints, check_corpus_size, check_documents, check_run_folder,
                                     check_tasks)
 from overtrain.study.cells import is_diverged
@@ -56,11 +58,13 @@ def run_study(spec: StudySpec, run_dir: str | Path, retry_failed: bool = False, 
     """Run or resume `spec` in `run_dir`; `workers` cells at once (0: in this process)."""
     run_dir = Path(run_dir)
     # Everything that can reject the input runs before the first write.
-    cells = plan_study(spec)
+    series, their_tokenizer = _existing_checkpoints(spec)
+    cells = plan_study(spec, series)
     check_run_folder(run_dir, spec)
     train_docs, heldout_docs = _documents(spec)
     check_documents(spec, train_docs, heldout_docs)
-    corpus = prepare_corpus(train_docs, heldout_docs, spec.tokenizer.vocab_size)  # cached under the user cache
+    # Cached under the user cache; a study of existing checkpoints encodes the text in their tokenizer.
+    corpus = prepare_corpus(train_docs, heldout_docs, spec.tokenizer.vocab_size, their_tokenizer)
     check_corpus_size(spec, corpus)
     check_tasks(spec)
     check_checkpoints(cells, run_dir / "checkpoints", corpus)
@@ -185,8 +189,28 @@ class _StudyRun:
 
 
 def _priority(cell: Cell) -> tuple:
-    """Pre-training first, longest first: other cells wait for its checkpoints."""
-    return (0, -cell.config["total_tokens"]) if cell.kind == "pretrain" else (1, 0)
+    """Pre-training (longest first) and imports first: other cells wait for their checkpoints."""
+    if cell.kind == "pretrain":
+        return (0, -cell.config["total_tokens"])
+    return (0, 0) if cell.kind == "import" else (1, 0)
+
+
+def _existing_checkpoints(spec: StudySpec) -> tuple[list[SeriesCheckpoint] | None, PreTrainedTokenizerBase | None]:
+    """The `checkpoints` series, each loaded once (hash, duplicates, checks), and their tokenizer."""
+    if spec.checkpoints is None:
+        return None, None
+    try:
+        series = series_from_sources(**spec.checkpoints.sources())
+        unknown = [c.label for c in series if c.tokens is None]
+        if unknown:
+            raise CheckpointError(f"{unknown[0]}: pre-training tokens unknown (neither its name nor a manifest "
+                                  "tells); give them in checkpoints.tokens")
+    except CheckpointError as err:
+        raise SpecError(f"checkpoints: {err}") from None
+    lengths = {"checkpoints.seq_len": spec.checkpoints.seq_len,
+               "finetune.seq_len": spec.finetune.seq_len if spec.finetune else 0}
+    longest = max(lengths, key=lengths.get)
+    return series, inspect_series(series, lengths[longest], longest)
 
 
 def cell_key(cell: Cell, corpus_id: str, checkpoint_dir: Path) -> str:

@@ -24,7 +24,7 @@ from overtrain.faults import fault_point
 
 # Context columns every result row may carry; NULL where they do not apply.
 RESULT_COLUMNS = ("checkpoint", "weights", "schedule", "decayed", "tokens", "task", "lr", "gamma", "seed", "step",
-                  "mitigation")
+                  "mitigation", "duplicate_of", "source")
 FINISHED = ("done", "diverged")
 
 SCHEMA = f"""
@@ -51,6 +51,14 @@ class Store:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(SCHEMA)
+        self._add_missing_columns()
+
+    def _add_missing_columns(self) -> None:
+        """A store written before a context column existed gets it (NULL in its old rows)."""
+        present = {row[1] for row in self.db.execute("PRAGMA table_info(results)")}
+        for column in RESULT_COLUMNS:
+            if column not in present:
+                self.db.execute(f"ALTER TABLE results ADD COLUMN {column}")
 
     def close(self) -> None:
         self.db.close()
