@@ -1,9 +1,11 @@
 """The audit on real (tiny) HF folders, one or a series: every probe runs and the plain-words report reads right."""
 
+import json
 import shutil
 from pathlib import Path
 
 import pandas as pd
+import pytest
 from typer.testing import CliRunner
 
 from overtrain.audit import AuditConfig, AuditResult, verdict
@@ -32,6 +34,32 @@ def test_audit_of_a_local_checkpoint(tiny_model, byte_corpus, tmp_path):
     assert (frame["metric"] == "hessian_top_eig").sum() == 1
     report = (tmp_path / "audit" / "audit.md").read_text()
     assert "## In plain words" in report and "raises it by" in report and "tokens seen in pre-training: 7680" in report
+    costs = json.loads((tmp_path / "audit" / "audit.json").read_text())["costs"]
+    assert costs["device"] == "cpu" and costs["eval_tokens_per_second"] > 0 and costs["train_tokens_per_second"] > 0
+    assert set(costs["seconds"]) == set(costs["peak_resident_gib"]) >= {"load", "base", "sensitivity", "lr_sweep"}
+    assert 0 < max(costs["peak_resident_gib"].values()) < 24 and costs["peak_gpu_gib"] is None
+    assert "## Cost" in report and "tokens/s" in report and "peak resident memory" in report
+
+
+@pytest.mark.slow
+def test_audit_of_smollm2_from_its_pypi_wheel(tmp_path):
+    """The real 135M model, loaded through the GGUF path: it predicts text well, noise hurts it
+    more the larger it is, a large LR forgets more than a small one, and it all fits in memory."""
+    pytest.importorskip("gguf", reason="the gguf package reads GGUF files: pip install -e '.[gguf]'")
+    result = CliRunner().invoke(app, ["audit", "smollm2", "--task", "qa", "--lrs", "1e-5,1e-3", "--steps", "4",
+                                      "--gammas", "0.25,1", "--benchmark-limit", "10", "--heldout-tokens", "1024",
+                                      "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    frame = pd.read_csv(tmp_path / "audit.csv")
+    base_bpb = frame.query("probe == 'base' and metric == 'bpb'")["value"].iloc[0]
+    assert 0.7 < base_bpb < 1.6  # a trained 135M model on English prose; an untrained one is above 5
+    sensitivity = frame[frame["probe"] == "sensitivity"].groupby("gamma")["value"].mean()
+    assert sensitivity[1.0] > sensitivity[0.25] > 0
+    ood = frame.query("probe == 'finetune' and metric == 'ood_bpb'").set_index("lr")["value"]
+    assert ood[1e-3] - ood[0.0] > ood[1e-5] - ood[0.0] + 0.01
+    costs = json.loads((tmp_path / "audit.json").read_text())["costs"]
+    assert max(costs["peak_resident_gib"].values()) < 24 and costs["train_tokens_per_second"] > 0
+    assert "Verdict" in result.output and "## Cost" in result.output
 
 
 def test_audit_names_a_bad_lr_list(tmp_path):

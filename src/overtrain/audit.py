@@ -6,8 +6,9 @@ For a model we did not train (an HF folder, a hub id with a revision, a GGUF fil
 3. the KL sharpness proxy, and the top Hessian eigenvalue on a small subset if asked;
 4. a short fine-tuning LR sweep on a task, measuring the task (ID) and forgetting
    (held-out bpb and benchmark accuracy) after each LR, from the same start;
-5. `audit.md` in plain words: a fragility verdict, and the LR range that keeps
-   forgetting within the user's bound.
+5. `audit.md` in plain words: a fragility verdict, the LR range that keeps
+   forgetting within the user's bound, and what the audit cost (time per phase, peak
+   memory, evaluation and training tokens/s).
 
 The model is restored bit for bit between LRs from one copy of its weights. A series
 is audited checkpoint by checkpoint (once per distinct weights), and `series.md` puts
@@ -32,12 +33,14 @@ from overtrain.data.benchmarks import evaluate_mc, load_benchmark
 from overtrain.data.corpus import default_heldout_batches
 from overtrain.data.tasks import load_task, tokenize_examples
 from overtrain.data.tokenizer import token_byte_lengths
+from overtrain.device import pick_device
 from overtrain.hashing import weights_sha256
 from overtrain.models import init_stds
 from overtrain.probes.curvature import causal_lm_objective, hessian_eigenvalues
 from overtrain.probes.loss import heldout_metrics
 from overtrain.probes.perturb import gaussian_sensitivity
 from overtrain.probes.sharpness import kl_sharpness
+from overtrain.resources import peak_gpu_gib, peak_resident_gib
 from overtrain.schedules import Schedule
 from overtrain.series import SeriesCheckpoint, hash_and_flag_duplicates, load_series_model
 from overtrain.study.cells import TokenizedTask
@@ -65,11 +68,35 @@ class AuditConfig:
 
 
 @dataclass
+class Costs:
+    """What an audit took: wall time and the process's peak memory at the end of each phase,
+    and the speed of its evaluation and of its fine-tuning."""
+    device: str = "cpu"
+    seconds: dict[str, float] = field(default_factory=dict)
+    peak_resident_gib: dict[str, float] = field(default_factory=dict)  # peak so far, read after each phase
+    peak_gpu_gib: float | None = None
+    eval_tokens_per_second: float = float("nan")
+    train_tokens_per_second: float = float("nan")  # padding included, as the model computes it
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started
+            self.peak_resident_gib[name] = peak_resident_gib()
+
+    def table(self) -> pd.DataFrame:
+        return pd.DataFrame({"seconds": self.seconds, "peak resident GiB so far": self.peak_resident_gib})
+
+
+@dataclass
 class AuditResult:
     checkpoint: SeriesCheckpoint
     config: AuditConfig
     rows: list[dict] = field(default_factory=list)
-    seconds: dict[str, float] = field(default_factory=dict)
+    costs: Costs = field(default_factory=Costs)
 
     @property
     def model(self) -> str:
@@ -79,15 +106,16 @@ class AuditResult:
         return pd.DataFrame(self.rows)
 
 
-def audit(checkpoint: SeriesCheckpoint, config: AuditConfig, out_dir: str | Path) -> AuditResult:
+def audit(checkpoint: SeriesCheckpoint, config: AuditConfig, out_dir: str | Path, device: str = "auto") -> AuditResult:
     """Audit one model into `out_dir`: audit.md (plain words), audit.csv (every figure), audit.json."""
-    seconds: dict[str, float] = {}
-    with _timed(seconds, "load"):
-        model, tokenizer = _load_and_hash(checkpoint)
-    return _audit_loaded(model, tokenizer, checkpoint, config, Path(out_dir), seconds)
+    costs = Costs(device=str(pick_device(device)))
+    with costs.phase("load"):
+        model, tokenizer = _load_and_hash(checkpoint, costs.device)
+    return _audit_loaded(model, tokenizer, checkpoint, config, Path(out_dir), costs)
 
 
-def audit_series(series: list[SeriesCheckpoint], config: AuditConfig, out_dir: str | Path) -> list[AuditResult]:
+def audit_series(series: list[SeriesCheckpoint], config: AuditConfig, out_dir: str | Path,
+                 device: str = "auto") -> list[AuditResult]:
     """Audit each checkpoint into `out_dir/<label>/`, then `series.md` and `series.csv` side by side.
 
     A checkpoint whose weights repeat an earlier one's is flagged and not audited again.
@@ -95,13 +123,13 @@ def audit_series(series: list[SeriesCheckpoint], config: AuditConfig, out_dir: s
     out_dir = Path(out_dir)
     results = []
     for index, checkpoint in enumerate(series):
-        seconds: dict[str, float] = {}
-        with _timed(seconds, "load"):
-            model, tokenizer = _load_and_hash(checkpoint)
+        costs = Costs(device=str(pick_device(device)))
+        with costs.phase("load"):
+            model, tokenizer = _load_and_hash(checkpoint, costs.device)
         hash_and_flag_duplicates(series[: index + 1])  # against the checkpoints before it; loads nothing
         if checkpoint.duplicate_of is None:
             folder = out_dir / re.sub(r"[^A-Za-z0-9_.@-]+", "_", checkpoint.label)
-            results.append(_audit_loaded(model, tokenizer, checkpoint, config, folder, seconds))
+            results.append(_audit_loaded(model, tokenizer, checkpoint, config, folder, costs))
         del model  # one model in memory at a time
     table = side_by_side(results)
     table.to_csv(out_dir / "series.csv")
@@ -109,19 +137,17 @@ def audit_series(series: list[SeriesCheckpoint], config: AuditConfig, out_dir: s
     return results
 
 
-def _load_and_hash(checkpoint: SeriesCheckpoint):
-    model, tokenizer = load_series_model(checkpoint)
+def _load_and_hash(checkpoint: SeriesCheckpoint, device: str):
+    model, tokenizer = load_series_model(checkpoint, device)
     checkpoint.weights_sha256 = weights_sha256(model)
     return model, tokenizer
 
 
 def _audit_loaded(model, tokenizer, checkpoint: SeriesCheckpoint, config: AuditConfig, out_dir: Path,
-                  seconds: dict[str, float]) -> AuditResult:
+                  costs: Costs) -> AuditResult:
     out_dir.mkdir(parents=True, exist_ok=True)
-    result = AuditResult(checkpoint, config, seconds=seconds)
-
-    def clock(name: str):
-        return _timed(result.seconds, name)
+    result = AuditResult(checkpoint, config, costs=costs)
+    clock = costs.phase
 
     batches = default_heldout_batches(tokenizer, config.heldout_tokens, config.seq_len, config.batch_size, config.seed)
     byte_lengths = token_byte_lengths(tokenizer)
@@ -132,6 +158,7 @@ def _audit_loaded(model, tokenizer, checkpoint: SeriesCheckpoint, config: AuditC
     with clock("base"):
         base = text_metrics(model)
         result.rows += [{"probe": "base", "metric": k, "value": v} for k, v in base.items()]
+    costs.eval_tokens_per_second = sum(b["input_ids"].numel() for b in batches) / costs.seconds["base"]
     with clock("sensitivity"):
         stds = init_stds(model)
         for entry in gaussian_sensitivity(model, stds, list(config.gammas), list(config.noise_seeds), text_metrics)[1:]:
@@ -146,24 +173,25 @@ def _audit_loaded(model, tokenizer, checkpoint: SeriesCheckpoint, config: AuditC
             eigen = hessian_eigenvalues(causal_lm_objective(model, subset), tol=1e-2)
             result.rows.append({"probe": "sharpness", "metric": "hessian_top_eig", "value": eigen.eigenvalues[0]})
     with clock("lr_sweep"):
-        result.rows += _lr_sweep(model, tokenizer, config, text_metrics, byte_lengths)
+        result.rows += _lr_sweep(model, tokenizer, config, text_metrics, byte_lengths, costs)
+    costs.peak_gpu_gib = peak_gpu_gib(next(model.parameters()).device)
     frame = result.frame()
     frame.to_csv(out_dir / "audit.csv", index=False)
     (out_dir / "audit.json").write_text(json.dumps({"model": result.model, "config": asdict(config),
                                                      "weights_sha256": checkpoint.weights_sha256,
-                                                     "seconds": result.seconds}, indent=1))
+                                                     "costs": asdict(costs)}, indent=1))
     (out_dir / "audit.md").write_text(plain_words(result))
     return result
 
 
-def _lr_sweep(model, tokenizer, config: AuditConfig, text_metrics, byte_lengths) -> list[dict]:
+def _lr_sweep(model, tokenizer, config: AuditConfig, text_metrics, byte_lengths, costs: Costs) -> list[dict]:
     task = load_task(config.task, seed=config.seed)
     data = TokenizedTask(train=tokenize_examples(task.train, tokenizer, config.finetune_seq_len),
                          heldout=tokenize_examples(task.heldout[: config.eval_examples], tokenizer, config.finetune_seq_len),
                          pad_id=tokenizer.pad_token_id, scored=[], name=task.name)
     id_batches = data.heldout_batches(config.batch_size)
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
-    rows = []
+    rows, tokens_trained, seconds_training = [], 0, 0.0
 
     def measure(lr: float) -> None:
         metrics = {f"id_{k}": v for k, v in heldout_metrics(model, id_batches, byte_lengths).items() if k != "ppl"}
@@ -178,12 +206,15 @@ def _lr_sweep(model, tokenizer, config: AuditConfig, text_metrics, byte_lengths)
         schedule = Schedule("linear", lr, config.steps, max(1, config.steps // 10))
         result = train(model, data.batches(config.batch_size, config.seed), TrainConfig(steps=config.steps, schedule=schedule,
                        weight_decay=0.0), description=f"audit lr={lr:g}")
+        tokens_trained, seconds_training = tokens_trained + result.tokens_seen, seconds_training + result.seconds
         if result.diverged:
             rows.append({"probe": "finetune", "lr": lr, "metric": "diverged_at_step", "value": result.diverged_at_step})
         measure(lr)
         with torch.no_grad():
             for name, param in model.named_parameters():
                 param.copy_(start[name])
+    if seconds_training:
+        costs.train_tokens_per_second = tokens_trained / seconds_training
     return rows
 
 
@@ -212,8 +243,19 @@ def plain_words(result: AuditResult) -> str:
                      "would overshoot along its direction.")
     lines += ["", "## Fine-tuning sweep (lr 0 = before fine-tuning)", "",
               sweep.assign(forgetting_bpb=forgetting).to_markdown(floatfmt=".4g"), "",
-              "## Time (seconds)", "", pd.Series(result.seconds).round(1).to_markdown(), ""]
+              "## Cost", "", cost_words(result), "", result.costs.table().round(2).to_markdown(), ""]
     return "\n".join(lines)
+
+
+def cost_words(result: AuditResult) -> str:
+    """Time, memory and speed of the audit in one paragraph."""
+    costs, config = result.costs, result.config
+    gpu = f", {costs.peak_gpu_gib:.2f} GiB on the GPU" if costs.peak_gpu_gib is not None else ""
+    return (f"On `{costs.device}`: {sum(costs.seconds.values()) / 60:.1f} minutes; peak resident memory "
+            f"**{max(costs.peak_resident_gib.values()):.2f} GiB**{gpu}. Evaluation ran at "
+            f"**{costs.eval_tokens_per_second:,.0f} tokens/s** (windows of {config.batch_size} x {config.seq_len}), "
+            f"fine-tuning at **{costs.train_tokens_per_second:,.0f} tokens/s** (AdamW, batches of "
+            f"{config.batch_size} sequences of up to {config.finetune_seq_len} tokens, padding included).")
 
 
 def _sweep(frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.Series]:
@@ -272,7 +314,8 @@ def _figures(result: AuditResult) -> pd.Series:
         for name in (column for column in sweep.columns if column.startswith("bench_")):
             figures[f"{name.removeprefix('bench_').removesuffix('_acc')} accuracy {when}"] = sweep.loc[lr, name]
     figures["safe up to LR"] = safe_up_to(result)
-    figures["minutes"] = sum(result.seconds.values()) / 60
+    figures["minutes"] = sum(result.costs.seconds.values()) / 60
+    figures["peak resident GiB"] = max(result.costs.peak_resident_gib.values())
     return pd.Series(figures, name=checkpoint.label)
 
 
@@ -300,12 +343,3 @@ def _readable(value) -> str:
     if isinstance(value, (int, np.integer)):
         return f"{value:,}"
     return f"{value:.4g}" if isinstance(value, (float, np.floating)) else str(value)
-
-
-@contextmanager
-def _timed(seconds: dict[str, float], name: str) -> Iterator[None]:
-    started = time.perf_counter()
-    try:
-        yield
-    finally:
-        seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - started

@@ -176,8 +176,11 @@ def audit_command(
     tolerance_bpb: float = typer.Option(0.05, help="Most forgetting allowed (rise in held-out bpb)."),
     benchmark_limit: int = typer.Option(50, min=1, help="Items per benchmark (arc_easy, piqa)."),
     hessian_tokens: int = typer.Option(0, min=0, help="Tokens for the top Hessian eigenvalue; 0 skips it."),
+    heldout_tokens: int = typer.Option(4096, min=256, help="Held-out text tokens every bpb is measured on "
+                                                           "(windows of 4 x 256)."),
     out: Path = typer.Option(Path("runs/audit"), help="Folder for audit.md, audit.csv, audit.json (a series: "
                                                       "series.md, series.csv and one such folder per checkpoint)."),
+    device: str = typer.Option("auto", help="auto (CUDA when present, else CPU), cpu, or cuda[:N]."),
 ) -> None:
     """Audit a real model or a series: sensitivity, sharpness, and which fine-tuning LRs keep forgetting within a bound."""
     from overtrain.audit import AuditConfig, audit, audit_series
@@ -186,15 +189,16 @@ def audit_command(
     revisions = [part for item in revision for part in item.split(",") if part]
     try:
         config = AuditConfig(task=task, lrs=_floats(lrs, "--lrs"), steps=steps, gammas=_floats(gammas, "--gammas"),
-                             tolerance_bpb=tolerance_bpb, benchmark_limit=benchmark_limit, hessian_tokens=hessian_tokens)
+                             tolerance_bpb=tolerance_bpb, benchmark_limit=benchmark_limit, hessian_tokens=hessian_tokens,
+                             heldout_tokens=heldout_tokens)
         series = resolve_series(models, revisions)
         if tokens is not None and len(series) > 1:
             raise ValueError("--tokens: gives one checkpoint's tokens; a series takes them from names or manifests")
         if len(series) == 1:
             series[0].tokens = tokens if tokens is not None else series[0].tokens
-            audit(series[0], config, out)
+            audit(series[0], config, out, device)
         else:
-            audit_series(series, config, out)
+            audit_series(series, config, out, device)
     except BAD_INPUT as err:
         _fail(err)
     typer.echo((out / ("audit.md" if len(series) == 1 else "series.md")).read_text())

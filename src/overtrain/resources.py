@@ -1,0 +1,28 @@
+"""What a piece of work costs: the most memory this process has held, on the host and on the GPU.
+
+Peaks only grow, so reading them after each phase of a job gives the peak up to that
+phase; the largest is the job's. The host figure is the resident set (what must fit in
+RAM), from the kernel's own accounting.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+
+import torch
+
+GIB = 2**30
+
+
+def peak_resident_gib() -> float:
+    """The largest resident set this process has had so far, in GiB."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / GIB if sys.platform == "darwin" else peak * 1024 / GIB  # bytes on macOS, KiB elsewhere
+
+
+def peak_gpu_gib(device: torch.device) -> float | None:
+    """The most GPU memory torch has allocated on `device` so far, in GiB; None off CUDA."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) / GIB
