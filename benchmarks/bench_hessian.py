@@ -17,7 +17,6 @@ one process. Prints, side by side:
 from __future__ import annotations
 
 import argparse
-import ctypes
 import importlib
 import statistics
 import time
@@ -29,23 +28,12 @@ from pydoc_data.topics import topics
 from overtrain.data.corpus import prepare_corpus
 from overtrain.models import ModelSize, build_model, parameter_count
 from overtrain.probes.curvature import HVP_METHODS, Objective, causal_lm_objective, dot, hessian_eigenvalues
+from overtrain.resources import peak_resident_gib, reset_peak_resident
 
 TOL = 1e-3
 
 
 # --------------------------------------------------------------------------- memory
-
-
-def resident_peak_kib() -> int:
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM"))
-
-
-def reset_resident_peak() -> None:
-    # Hand freed heap pages back first, so the baseline is live memory, not allocator cache.
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    with open("/proc/self/clear_refs", "w") as clear_refs:
-        clear_refs.write("5")  # resets VmHWM to the current resident set (Linux >= 4.0)
 
 
 def measure(function):
@@ -54,12 +42,12 @@ def measure(function):
     CPU time (all threads) is reported beside wall time: on a shared machine it is
     the steadier of the two.
     """
-    reset_resident_peak()
-    start_kib = resident_peak_kib()
+    reset_peak_resident()
+    start_gib = peak_resident_gib()
     started, started_cpu = time.perf_counter(), time.process_time()
     result = function()
     wall, cpu = time.perf_counter() - started, time.process_time() - started_cpu
-    return result, wall, cpu, (resident_peak_kib() - start_kib) / 1024
+    return result, wall, cpu, (peak_resident_gib() - start_gib) * 1024
 
 
 def measure_best_of(solvers: dict, repeats: int) -> dict:

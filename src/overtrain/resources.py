@@ -7,6 +7,7 @@ RAM), from the kernel's own accounting.
 
 from __future__ import annotations
 
+import ctypes
 import resource
 import sys
 
@@ -26,3 +27,18 @@ def peak_gpu_gib(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
     return torch.cuda.max_memory_allocated(device) / GIB
+
+
+def reset_peak_resident() -> bool:
+    """Start the resident peak over from the current resident set, so that the next reading is
+    the peak of what runs in between (Linux >= 4.0); False where the kernel offers no reset."""
+    try:  # hand freed heap pages back first, so the new start is live memory, not the allocator's cache
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+    except OSError:
+        return False
+    return True

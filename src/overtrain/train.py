@@ -83,6 +83,7 @@ def train(
     forward = compiled(model) if config.compile else model
     result = TrainResult(steps_done=start_step)
     model.train()
+    optimizer.zero_grad(set_to_none=True)
     started = time.perf_counter()
     bar = tqdm(range(start_step, config.steps), desc=description, leave=False, mininterval=2.0)
     for step in bar:
@@ -95,7 +96,6 @@ def train(
             result.diverged_at_step = step
             result.last_loss = loss.item()
             break
-        optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if config.sam_rho > 0 and step >= config.sam_start_step:
             _sharpness_aware_gradient(model, lambda: _objective(model, forward, batch, anchor, config.l2_to_start),
@@ -103,6 +103,9 @@ def train(
         if config.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()
+        # Free the gradients now, not before the next backward: held through the next
+        # forward they would add a full copy of the weights to the peak memory.
+        optimizer.zero_grad(set_to_none=True)
         result.steps_done = step + 1
         result.tokens_seen += batch["input_ids"].numel()
         result.last_loss = loss.item()
