@@ -8,12 +8,14 @@ a pure float64 quadratic instead.
 import copy
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
 from overtrain.models import ModelSize, build_model
+from overtrain.probes import curvature
 from overtrain.probes.curvature import (
     HVP_METHODS,
     Objective,
@@ -126,6 +128,17 @@ def test_top_eigenvalues_match_dense(setup):
     assert max(result.residuals) < 1e-5 * abs(result.eigenvalues[0])
     assert result.hvp_count > 3
     assert {"hessian_top_eig", "hvp_count", "residual"} <= {row["metric"] for row in result.to_rows()}
+
+
+def test_a_large_model_keeps_its_lanczos_basis_in_float32_and_still_matches_dense(setup, monkeypatch):
+    """Above the size limit (here: any size) the basis halves its memory; the eigenvalues hold."""
+    _, _, objective, dense = setup
+    monkeypatch.setattr(curvature, "FLOAT64_BASIS_LIMIT_BYTES", 0)
+    result = hessian_eigenvalues(objective, k=2, tol=1e-8)
+    assert result.eigenvectors.dtype == np.float32
+    expected = torch.linalg.eigvalsh(dense).flip(0)[:2]
+    for value, reference in zip(result.eigenvalues, expected.tolist()):
+        assert value == pytest.approx(reference, rel=1e-4)
 
 
 @pytest.mark.parametrize("method", ["hutchinson", "hutch++"])
