@@ -66,8 +66,8 @@ def series_checkpoints(results: pd.DataFrame) -> pd.DataFrame:
     columns = ["checkpoint", "tokens", "weights", "duplicate_of", "source", "value"]
     if rows.empty:  # a study of our own checkpoints (or a frame from before the columns existed)
         return pd.DataFrame(columns=columns).rename(columns={"value": "parameters"})
-    return (rows[columns].rename(columns={"value": "parameters"}).sort_values(["tokens", "checkpoint"])
-            .reset_index(drop=True))
+    table = rows[columns].rename(columns={"value": "parameters"}).sort_values(["tokens", "checkpoint"])
+    return table.astype({"parameters": "int64"}).reset_index(drop=True)  # stored as a float metric value
 
 
 # -- fine-tuning --------------------------------------------------------------------
