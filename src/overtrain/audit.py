@@ -108,9 +108,7 @@ class AuditResult:
 
 def audit(checkpoint: SeriesCheckpoint, config: AuditConfig, out_dir: str | Path, device: str = "auto") -> AuditResult:
     """Audit one model into `out_dir`: audit.md (plain words), audit.csv (every figure), audit.json."""
-    costs = Costs(device=str(pick_device(device)))
-    with costs.phase("load"):
-        model, tokenizer = _load_and_hash(checkpoint, costs.device)
+    model, tokenizer, costs = _load_and_hash(checkpoint, pick_device(device))
     return _audit_loaded(model, tokenizer, checkpoint, config, Path(out_dir), costs)
 
 
@@ -120,12 +118,10 @@ def audit_series(series: list[SeriesCheckpoint], config: AuditConfig, out_dir: s
 
     A checkpoint whose weights repeat an earlier one's is flagged and not audited again.
     """
-    out_dir = Path(out_dir)
+    out_dir, on = Path(out_dir), pick_device(device)
     results = []
     for index, checkpoint in enumerate(series):
-        costs = Costs(device=str(pick_device(device)))
-        with costs.phase("load"):
-            model, tokenizer = _load_and_hash(checkpoint, costs.device)
+        model, tokenizer, costs = _load_and_hash(checkpoint, on)
         hash_and_flag_duplicates(series[: index + 1])  # against the checkpoints before it; loads nothing
         if checkpoint.duplicate_of is None:
             folder = out_dir / re.sub(r"[^A-Za-z0-9_.@-]+", "_", checkpoint.label)
@@ -137,10 +133,13 @@ def audit_series(series: list[SeriesCheckpoint], config: AuditConfig, out_dir: s
     return results
 
 
-def _load_and_hash(checkpoint: SeriesCheckpoint, device: str):
-    model, tokenizer = load_series_model(checkpoint, device)
-    checkpoint.weights_sha256 = weights_sha256(model)
-    return model, tokenizer
+def _load_and_hash(checkpoint: SeriesCheckpoint, device: torch.device):
+    """(model on `device`, tokenizer, the audit's costs with the load timed); the weights hashed."""
+    costs = Costs(device=str(device))
+    with costs.phase("load"):
+        model, tokenizer = load_series_model(checkpoint, str(device))
+        checkpoint.weights_sha256 = weights_sha256(model)
+    return model, tokenizer, costs
 
 
 def _audit_loaded(model, tokenizer, checkpoint: SeriesCheckpoint, config: AuditConfig, out_dir: Path,
