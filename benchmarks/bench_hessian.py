@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from pydoc_data.topics import topics
 
 from overtrain.data.corpus import prepare_corpus
-from overtrain.models import ModelSize, build_model, parameter_count
+from overtrain.models.build import ModelSize, build_model, parameter_count
 from overtrain.probes.curvature import HVP_METHODS, Objective, causal_lm_objective, dot, hessian_eigenvalues
-from overtrain.resources import peak_resident_gib, reset_peak_resident
+from overtrain.runtime.memory import peak_resident_gib, reset_peak_resident
 
 TOL = 1e-3
 

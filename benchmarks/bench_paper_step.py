@@ -6,7 +6,7 @@ settings, same machine, one run. Prints tokens/s side by side and their ratios:
 
 1. one process, same torch threads: the training step itself
    - plain: `LlamaForCausalLM`, `torch.optim.AdamW` defaults, `loss.backward()`, clip, step;
-   - overtrain: `overtrain.train.train` (torch.compile'd model, fused AdamW);
+   - overtrain: `overtrain.train.loop.train` (torch.compile'd model, fused AdamW);
 2. the whole machine, as a study uses it: the plain loop with every core as torch
    threads, against overtrain's engine layout (`--workers N`: N processes, one thread
    each, each training its own model), counting the tokens of all of them.
@@ -29,9 +29,9 @@ import torch
 from pydoc_data.topics import topics
 
 from overtrain.data.corpus import prepare_corpus
-from overtrain.models import PRESETS, build_model, parameter_count
-from overtrain.schedules import Schedule
-from overtrain.train import TrainConfig, train
+from overtrain.models.build import PRESETS, build_model, parameter_count
+from overtrain.train.schedules import Schedule
+from overtrain.train.loop import TrainConfig, train
 
 WARMUP_STEPS = 10
 BATCH, SEQ_LEN, LR = 32, 128, 4e-3

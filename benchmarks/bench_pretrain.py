@@ -19,9 +19,9 @@ from torch.utils.data import Dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from overtrain.data.corpus import prepare_corpus
-from overtrain.models import PRESETS, build_model, parameter_count
-from overtrain.schedules import Schedule
-from overtrain.train import TrainConfig, train
+from overtrain.models.build import PRESETS, build_model, parameter_count
+from overtrain.train.schedules import Schedule
+from overtrain.train.loop import TrainConfig, train
 
 
 def matmul_peak_gflops(n: int = 1024, repeats: int = 20) -> float:

@@ -8,7 +8,7 @@ model's own tokenizer), in windows of 4 x 256 tokens, side by side in one run:
   `overtrain.probes.loss.heldout_metrics` (what every held-out bpb, sensitivity gamma
   and fine-tuning evaluation runs);
 - fine-tuning: a plain loop (`torch.optim.AdamW` defaults, `loss.backward()`, clip,
-  step), and `overtrain.train.train` (fused AdamW, the same clip), tokens/s with the
+  step), and `overtrain.train.loop.train` (fused AdamW, the same clip), tokens/s with the
   first step (which allocates AdamW's two moment buffers) left out;
 - memory: the process's peak resident set during each of the four, from a fresh start
   (Linux: /proc/self/clear_refs), model weights included.
@@ -28,12 +28,12 @@ import torch
 
 from overtrain.data.corpus import default_heldout_batches
 from overtrain.data.tokenizer import token_byte_lengths
-from overtrain.models import parameter_count
+from overtrain.models.build import parameter_count
 from overtrain.probes.loss import heldout_metrics
-from overtrain.resources import GIB, peak_resident_gib, reset_peak_resident
-from overtrain.schedules import Schedule
-from overtrain.series import load_series_model, resolve_model
-from overtrain.train import TrainConfig, train
+from overtrain.runtime.memory import GIB, peak_resident_gib, reset_peak_resident
+from overtrain.train.schedules import Schedule
+from overtrain.models.series import load_series_model, resolve_model
+from overtrain.train.loop import TrainConfig, train
 
 BATCH, SEQ_LEN, LR = 4, 256, 1e-4
 
@@ -69,7 +69,7 @@ def plain_training(model, batches: list[dict], steps: int) -> float:
 
 
 def overtrain_training(model, batches: list[dict], steps: int) -> float:
-    """Seconds of steps 2..steps of `overtrain.train.train`."""
+    """Seconds of steps 2..steps of `overtrain.train.loop.train`."""
     ticks: dict[int, float] = {}
     config = TrainConfig(steps=steps, schedule=Schedule("constant", LR, steps, 0), weight_decay=0.0, grad_clip=1.0)
     stream = (batches[i % len(batches)] for i in range(steps))

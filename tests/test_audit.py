@@ -8,11 +8,11 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from overtrain.audit import AuditConfig, AuditResult, verdict
+from overtrain.audit.run import AuditConfig, AuditResult, verdict
 from overtrain.cli import app
-from overtrain.series import SeriesCheckpoint
-from overtrain.schedules import Schedule
-from overtrain.train import TrainConfig, train
+from overtrain.models.series import SeriesCheckpoint
+from overtrain.train.schedules import Schedule
+from overtrain.train.loop import TrainConfig, train
 
 
 def test_audit_of_a_local_checkpoint(tiny_model, byte_corpus, tmp_path):

@@ -13,11 +13,11 @@ import yaml
 from tiny_study import tiny_study
 from typer.testing import CliRunner
 
-from overtrain.checkpoints import save_checkpoint
+from overtrain.models.checkpoints import save_checkpoint
 from overtrain.cli import app
-from overtrain.models import ModelSize, build_model
+from overtrain.models.build import ModelSize, build_model
 from overtrain.spec import parse_spec
-from overtrain.study.rundir import LOCK_FILE
+from overtrain.study.folder import LOCK_FILE
 from overtrain.study.runner import study_status
 
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from overtrain.models import ModelSize, build_model
+from overtrain.models.build import ModelSize, build_model
 from overtrain.probes import curvature
 from overtrain.probes.curvature import (
     HVP_METHODS,

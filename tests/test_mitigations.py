@@ -1,8 +1,8 @@
 import torch
 
-from overtrain.mitigations import interpolated, with_lora, with_replay
-from overtrain.schedules import Schedule
-from overtrain.train import TrainConfig, train
+from overtrain.train.mitigations import interpolated, with_lora, with_replay
+from overtrain.train.schedules import Schedule
+from overtrain.train.loop import TrainConfig, train
 
 
 def state(model):
@@ -52,7 +52,7 @@ def test_sam_takes_the_gradient_at_the_ascent_point(tiny_model, byte_corpus):
     """One SAM step equals a plain AdamW step whose gradient is taken at theta + rho g/|g|."""
     import copy
 
-    from overtrain.train import make_optimizer
+    from overtrain.train.loop import make_optimizer
 
     rho = 0.05
     batch = next(byte_corpus.train_batches(4, 64, seed=1))

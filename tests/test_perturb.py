@@ -1,6 +1,6 @@
 import torch
 
-from overtrain.models import init_stds
+from overtrain.models.build import init_stds
 from overtrain.probes.perturb import InPlacePerturber, gaussian_sensitivity
 
 

@@ -10,11 +10,11 @@ import pytest
 import torch
 import yaml
 
-from overtrain.data.code_mix import mix_in_code
+from overtrain.data.code import mix_in_code
 from overtrain.data.tasks import code_modules, function_headers, load_task, stdlib_sources, strip_docstrings_and_comments
 from overtrain.probes.residue import docstring_prompts, docstring_rate, opens_with_docstring, sample_continuations
-from overtrain.schedules import Schedule
-from overtrain.train import TrainConfig, train
+from overtrain.train.schedules import Schedule
+from overtrain.train.loop import TrainConfig, train
 
 
 DOCUMENTABLE = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)

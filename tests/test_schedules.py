@@ -1,6 +1,6 @@
 import pytest
 
-from overtrain.schedules import Schedule
+from overtrain.train.schedules import Schedule
 
 
 def test_cosine_warms_up_then_anneals_to_zero():

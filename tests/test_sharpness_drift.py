@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from overtrain.models import ModelSize, build_model
+from overtrain.models.build import ModelSize, build_model
 from overtrain.probes.curvature import Objective, causal_lm_objective, curvature_along
 from overtrain.probes.drift import parameter_drift, representation_drift
 from overtrain.probes.sharpness import critical_sharpness, kl_sharpness

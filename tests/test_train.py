@@ -3,11 +3,11 @@ import math
 import torch
 from transformers import AutoModelForCausalLM
 
-from overtrain.checkpoints import load_checkpoint, read_manifest, save_checkpoint
-from overtrain.hashing import state_dict_sha256
+from overtrain.models.checkpoints import load_checkpoint, read_manifest, save_checkpoint
+from overtrain.runtime.hashing import state_dict_sha256
 from overtrain.probes.loss import heldout_metrics
-from overtrain.schedules import Schedule
-from overtrain.train import TrainConfig, train
+from overtrain.train.schedules import Schedule
+from overtrain.train.loop import TrainConfig, train
 
 
 def short_run(model, corpus, lr=3e-3, steps=12, seed=0):
@@ -30,7 +30,7 @@ def test_bits_per_byte_of_a_byte_model_is_loss_over_ln2(tiny_model, byte_corpus)
 
 
 def test_same_seed_same_weights(byte_corpus):
-    from overtrain.models import ModelSize, build_model
+    from overtrain.models.build import ModelSize, build_model
 
     hashes = []
     for _ in range(2):

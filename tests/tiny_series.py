@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from overtrain.models import ModelSize, build_model
+from overtrain.models.build import ModelSize, build_model
 
 
 def save_tiny(folder, seed, tokenizer):

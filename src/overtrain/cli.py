@@ -15,7 +15,7 @@ import typer
 import yaml
 
 from overtrain.api import load_spec, report, run, status
-from overtrain.checkpoints import CheckpointError
+from overtrain.models.checkpoints import CheckpointError
 from overtrain.spec import SpecError
 from overtrain.study.runner import StudyStopped
 
@@ -183,8 +183,8 @@ def audit_command(
     device: str = typer.Option("auto", help="auto (CUDA when present, else CPU), cpu, or cuda[:N]."),
 ) -> None:
     """Audit a real model or a series: sensitivity, sharpness, and which fine-tuning LRs keep forgetting within a bound."""
-    from overtrain.audit import AuditConfig, audit, audit_series
-    from overtrain.series import resolve_series
+    from overtrain.audit.run import AuditConfig, audit, audit_series
+    from overtrain.models.series import resolve_series
 
     revisions = [part for item in revision for part in item.split(",") if part]
     try:
@@ -227,8 +227,8 @@ def probe_command(
     out: Path = typer.Option(None, help="Write the rows to this CSV as well."),
 ) -> None:
     """Sharpness of one model's held-out loss: Hessian top eigenvalues and trace, KL proxy, critical sharpness."""
-    from overtrain.probes.run import probe_model
-    from overtrain.series import resolve_model
+    from overtrain.audit.probe import probe_model
+    from overtrain.models.series import resolve_model
 
     options = {"top_k": top_k, "tol": 1e-3, "trace_hvps": trace_hvps, "kl_gamma": kl_gamma, "kl_seeds": [0, 1, 2]}
     try:

@@ -15,7 +15,7 @@ import re
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from overtrain.models import PRESETS, ModelSize
+from overtrain.models.build import PRESETS, ModelSize
 
 PositiveFloat = Annotated[float, Field(gt=0)]
 PositiveInt = Annotated[int, Field(gt=0)]

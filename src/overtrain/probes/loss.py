@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from overtrain.device import autocast
+from overtrain.runtime.device import autocast
 
 
 @torch.inference_mode()

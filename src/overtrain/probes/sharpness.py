@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from overtrain.models import init_stds
+from overtrain.models.build import init_stds
 from overtrain.probes.curvature import Batch, Objective, Params, dot
 from overtrain.probes.perturb import InPlacePerturber
 

@@ -14,25 +14,25 @@ from pathlib import Path
 
 import torch
 
-from overtrain.checkpoints import CheckpointError, load_checkpoint, load_optimizer_state, read_manifest, save_checkpoint
+from overtrain.models.checkpoints import CheckpointError, load_checkpoint, load_optimizer_state, read_manifest, save_checkpoint
 from overtrain.data.benchmarks import evaluate_mc, load_benchmark
 from overtrain.data.corpus import PreparedCorpus
 from overtrain.data.tasks import Example, load_task, tokenize_examples
-from overtrain.hashing import weights_sha256
-from overtrain.mitigations import interpolated, with_lora, with_replay
-from overtrain.models import ModelSize, build_model, init_stds, parameter_count
+from overtrain.runtime.hashing import weights_sha256
+from overtrain.train.mitigations import interpolated, with_lora, with_replay
+from overtrain.models.build import ModelSize, build_model, init_stds, parameter_count
 from overtrain.probes.curvature import causal_lm_objective, forgetting_prediction, hessian_eigenvalues, hessian_trace
 from overtrain.probes.drift import parameter_drift
-from overtrain.probes.generation import math_exact_match, multiple_choice_accuracy
+from overtrain.probes.scoring import math_exact_match, multiple_choice_accuracy
 from overtrain.probes.loss import heldout_metrics
 from overtrain.probes.perturb import gaussian_sensitivity
 from overtrain.probes.residue import docstring_prompts, docstring_rate
 from overtrain.probes.sharpness import critical_sharpness, kl_sharpness
-from overtrain.schedules import Schedule
-from overtrain.series import SeriesCheckpoint, load_series_model
+from overtrain.train.schedules import Schedule
+from overtrain.models.series import SeriesCheckpoint, load_series_model
 from overtrain.spec import StudySpec
 from overtrain.study.plan import SERIES, Cell
-from overtrain.train import TrainConfig, make_optimizer, train
+from overtrain.train.loop import TrainConfig, make_optimizer, train
 
 
 @dataclass

@@ -33,10 +33,10 @@ import torch
 from transformers import AutoTokenizer
 
 from overtrain.data.corpus import PreparedCorpus
-from overtrain.device import pick_device
+from overtrain.runtime.device import pick_device
 from overtrain.spec import SpecError, StudySpec
 from overtrain.study.cells import RUNNERS, StudyContext
-from overtrain.faults import fault_point
+from overtrain.runtime.faults import fault_point
 from overtrain.study.plan import Cell
 
 LOG_DIR = "logs"

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from overtrain.series import SeriesCheckpoint
+from overtrain.models.series import SeriesCheckpoint
 from overtrain.spec import SpecError, StudySpec
 
 SERIES = "series"  # the `schedule` of checkpoints that are not ours: how they were trained is not known

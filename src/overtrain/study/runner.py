@@ -28,19 +28,19 @@ import transformers
 from transformers import PreTrainedTokenizerBase
 
 from overtrain import __version__
-from overtrain.checkpoints import MANIFEST, CheckpointError, read_manifest
-from overtrain.data.code_mix import mix_in_code
+from overtrain.models.checkpoints import MANIFEST, CheckpointError, read_manifest
+from overtrain.data.code import mix_in_code
 from overtrain.data.corpus import PreparedCorpus, prepare_corpus
 from overtrain.data.sources import default_documents, load_documents, split_documents
-from overtrain.series import SeriesCheckpoint, inspect_series, series_from_sources
+from overtrain.models.series import SeriesCheckpoint, inspect_series, series_from_sources
 from overtrain.spec import SpecError, StudySpec
-from overtrain.study.checks import (check_checkpoints, check_corpus_size, check_documents, check_run_folder,
+from overtrain.study.prepare import (check_checkpoints, check_corpus_size, check_documents, check_run_folder,
                                     check_tasks)
 from overtrain.study.cells import is_diverged
 from overtrain.study.execute import CellJob, CellOutcome, make_executor
 from overtrain.study.plan import Cell, plan_study
 from overtrain.study.progress import StudyProgress
-from overtrain.study.rundir import claimed_run_folder, is_running
+from overtrain.study.folder import claimed_run_folder, is_running
 from overtrain.study.store import FINISHED, Store
 from overtrain.theory.linear import config_from_dict
 from overtrain.theory.run import run_theory

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from overtrain.faults import fault_point
+from overtrain.runtime.faults import fault_point
 
 # Context columns every result row may carry; NULL where they do not apply.
 RESULT_COLUMNS = ("checkpoint", "weights", "schedule", "decayed", "tokens", "task", "lr", "gamma", "seed", "step",

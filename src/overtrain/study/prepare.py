@@ -11,7 +11,7 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
-from overtrain.checkpoints import MANIFEST, CheckpointError, check_checkpoint_folder
+from overtrain.models.checkpoints import MANIFEST, CheckpointError, check_checkpoint_folder
 from overtrain.data.corpus import PreparedCorpus
 from overtrain.data.tasks import load_task
 from overtrain.spec import SpecError, StudySpec

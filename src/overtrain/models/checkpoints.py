@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from overtrain.faults import fault_point
-from overtrain.hashing import weights_sha256
+from overtrain.runtime.faults import fault_point
+from overtrain.runtime.hashing import weights_sha256
 
 MANIFEST = "overtrain.json"
 

@@ -7,7 +7,7 @@ import pandas as pd
 
 from overtrain.data.corpus import default_heldout_batches
 from overtrain.probes.drift import representation_drift
-from overtrain.series import SeriesCheckpoint, load_series_model
+from overtrain.models.series import SeriesCheckpoint, load_series_model
 from overtrain.study.cells import sharpness_rows, update_rows
 
 

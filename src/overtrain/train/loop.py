@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from overtrain.device import autocast
-from overtrain.schedules import Schedule
+from overtrain.runtime.device import autocast
+from overtrain.train.schedules import Schedule
 
 
 @dataclass(frozen=True)

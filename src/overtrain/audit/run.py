@@ -33,18 +33,18 @@ from overtrain.data.benchmarks import evaluate_mc, load_benchmark
 from overtrain.data.corpus import default_heldout_batches
 from overtrain.data.tasks import load_task, tokenize_examples
 from overtrain.data.tokenizer import token_byte_lengths
-from overtrain.device import pick_device
-from overtrain.hashing import weights_sha256
-from overtrain.models import init_stds
+from overtrain.runtime.device import pick_device
+from overtrain.runtime.hashing import weights_sha256
+from overtrain.models.build import init_stds
 from overtrain.probes.curvature import causal_lm_objective, hessian_eigenvalues
 from overtrain.probes.loss import heldout_metrics
 from overtrain.probes.perturb import gaussian_sensitivity
 from overtrain.probes.sharpness import kl_sharpness
-from overtrain.resources import peak_gpu_gib, peak_resident_gib
-from overtrain.schedules import Schedule
-from overtrain.series import SeriesCheckpoint, hash_and_flag_duplicates, load_series_model
+from overtrain.runtime.memory import peak_gpu_gib, peak_resident_gib
+from overtrain.train.schedules import Schedule
+from overtrain.models.series import SeriesCheckpoint, hash_and_flag_duplicates, load_series_model
 from overtrain.study.cells import TokenizedTask
-from overtrain.train import TrainConfig, train
+from overtrain.train.loop import TrainConfig, train
 
 
 @dataclass(frozen=True)
