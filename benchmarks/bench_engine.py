@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
 from tiny_study import KILL_POINTS, checkpoint_hashes, comparable, run_in_subprocess, tiny_study  # noqa: E402
 
 from overtrain.spec import parse_spec  # noqa: E402
-from overtrain.study.runner import load_results, run_study, study_status  # noqa: E402
+from overtrain.study.runner import run_study  # noqa: E402
+from overtrain.study.store import load_results, study_status  # noqa: E402
 
 SWEEP = {"pretrain": {"schedules": ["cosine"], "budgets": [2048]}, "sensitivity": None,
          "model": {"d_model": 64, "n_layers": 2, "n_heads": 2, "max_seq_len": 64},
@@ -45,14 +46,14 @@ def timed(function, *args, **kwargs) -> float:
 def sweep_speedup(root: Path) -> dict:
     spec = parse_spec(tiny_study(root, **SWEEP))
     base = root / "base"
-    run_study(parse_spec(tiny_study(root, **{**SWEEP, "finetune": None})), base, workers=0, report=False)
+    run_study(parse_spec(tiny_study(root, **{**SWEEP, "finetune": None})), base, workers=0)
     seconds = {}
     for workers in (1, 2):
         folder = shutil.copytree(base, root / f"workers{workers}")
-        seconds[workers] = timed(run_study, spec, folder, workers=workers, report=False)
+        seconds[workers] = timed(run_study, spec, folder, workers=workers)
         assert set(study_status(folder)["status"]) == {"done"}
     cells = len(study_status(root / "workers2"))
-    resume = timed(run_study, spec, root / "workers2", workers=2, report=False)
+    resume = timed(run_study, spec, root / "workers2", workers=2)
     return {"finetune cells": cells - 2, "workers1 s": seconds[1], "workers2 s": seconds[2],
             "speed-up": seconds[1] / seconds[2], "resume cells": cells, "resume s": resume}
 
@@ -64,7 +65,7 @@ def fault_injection(root: Path) -> dict:
     killed = [run_in_subprocess(path, root / "killed", fault=f"kill:{point}").returncode == -9 for point in KILL_POINTS]
     finished = run_in_subprocess(path, root / "killed").returncode == 0
     torch.set_num_threads(os.cpu_count())  # the threads of a --workers 1 worker
-    run_study(parse_spec(study), root / "reference", workers=0, report=False)
+    run_study(parse_spec(study), root / "reference", workers=0)
     results = load_results(root / "killed")
     return {"kill points": len(KILL_POINTS), "killed as planned": sum(killed), "finished": finished,
             "rows identical": comparable(results).equals(comparable(load_results(root / "reference"))),

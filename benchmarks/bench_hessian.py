@@ -26,9 +26,11 @@ import torch.nn.functional as F
 from pydoc_data.topics import topics
 
 from overtrain.data.corpus import prepare_corpus
-from overtrain.models.build import ModelSize, build_model, parameter_count
-from overtrain.probes.curvature import HVP_METHODS, Objective, causal_lm_objective, dot, hessian_eigenvalues
+from overtrain.models.build import build_model, parameter_count
+from overtrain.probes.hessian import hessian_eigenvalues
+from overtrain.probes.objective import HVP_METHODS, Objective, causal_lm_objective, dot
 from overtrain.runtime.memory import peak_resident_gib, reset_peak_resident
+from overtrain.spec import ModelSize
 
 TOL = 1e-3
 
@@ -115,7 +117,7 @@ def hvp_over_gradient(objective: Objective, repeats: int) -> dict[str, list[floa
 def lanczos_top_eigenvalue(objective: Objective, tol: float) -> tuple[float, int]:
     """(top eigenvalue, HVPs) by hessian_eigenvalues with its default basis size."""
     result = hessian_eigenvalues(objective, k=1, tol=tol, seed=0)
-    return result.eigenvalues[0], result.hvp_count
+    return result.eigenvalues[0], result.hvps
 
 
 def power_iteration(objective: Objective, tol: float, seed: int, max_hvps: int = 1000) -> list[float]:
@@ -163,12 +165,12 @@ def masked_lm_criterion(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
 def pyhessian_top_eigenvalue(model: torch.nn.Module, batch: dict, tol: float) -> tuple[float, int]:
     pyhessian_module = importlib.import_module("pyhessian.hessian")  # the module, not the class of that name
 
-    hvp_count = 0
+    hvps = 0
     original_product = pyhessian_module.hessian_vector_product
 
     def counted_product(*args, **kwargs):  # counts PyHessian's HVPs; the computation is its own
-        nonlocal hvp_count
-        hvp_count += 1
+        nonlocal hvps
+        hvps += 1
         return original_product(*args, **kwargs)
 
     pyhessian_module.hessian_vector_product = counted_product
@@ -183,7 +185,7 @@ def pyhessian_top_eigenvalue(model: torch.nn.Module, batch: dict, tol: float) ->
         pyhessian_module.hessian_vector_product = original_product
         model.set_attn_implementation(previous_attention)
         model.zero_grad(set_to_none=True)  # PyHessian leaves graph-carrying .grad behind
-    return eigenvalues[0], hvp_count
+    return eigenvalues[0], hvps
 
 
 def pyhessian_available() -> bool:
@@ -220,7 +222,7 @@ def main() -> None:
 
     reference = hessian_eigenvalues(objective, k=1, tol=1e-10, seed=123)
     top = reference.eigenvalues[0]
-    print(f"\nreference top eigenvalue {top:.6g} (Lanczos tol 1e-10, {reference.hvp_count} HVPs, "
+    print(f"\nreference top eigenvalue {top:.6g} (Lanczos tol 1e-10, {reference.hvps} HVPs, "
           f"residual {reference.residuals[0]:.2e})\n")
 
     solvers = {

@@ -29,7 +29,8 @@ import torch
 from pydoc_data.topics import topics
 
 from overtrain.data.corpus import prepare_corpus
-from overtrain.models.build import PRESETS, build_model, parameter_count
+from overtrain.models.build import build_model, parameter_count
+from overtrain.spec import PRESETS
 from overtrain.train.schedules import Schedule
 from overtrain.train.loop import TrainConfig, train
 

@@ -19,7 +19,8 @@ from torch.utils.data import Dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from overtrain.data.corpus import prepare_corpus
-from overtrain.models.build import PRESETS, build_model, parameter_count
+from overtrain.models.build import build_model, parameter_count
+from overtrain.spec import PRESETS
 from overtrain.train.schedules import Schedule
 from overtrain.train.loop import TrainConfig, train
 

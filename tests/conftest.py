@@ -26,7 +26,8 @@ def byte_corpus(python_docs):
 
 @pytest.fixture()
 def tiny_model(byte_corpus):
-    from overtrain.models.build import ModelSize, build_model
+    from overtrain.models.build import build_model
+    from overtrain.spec import ModelSize
 
     size = ModelSize(d_model=32, n_layers=2, n_heads=2, max_seq_len=64)
     return build_model(size, len(byte_corpus.tokenizer), seed=0, eos_token_id=byte_corpus.tokenizer.eos_token_id,

@@ -8,9 +8,11 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from overtrain.audit.run import AuditConfig, AuditResult, verdict
+from overtrain.audit.result import AuditConfig, AuditResult
+from overtrain.audit.words import verdict
 from overtrain.cli import app
 from overtrain.models.series import SeriesCheckpoint
+from overtrain.probes.metrics import check_rows
 from overtrain.train.schedules import Schedule
 from overtrain.train.loop import TrainConfig, train
 
@@ -26,11 +28,16 @@ def test_audit_of_a_local_checkpoint(tiny_model, byte_corpus, tmp_path):
                                       "--benchmark-limit", "4", "--hessian-tokens", "16", "--out", str(tmp_path / "audit")])
     assert result.exit_code == 0, result.output
     frame = pd.read_csv(tmp_path / "audit" / "audit.csv")
-    sensitivity = frame[frame["probe"] == "sensitivity"].groupby("gamma")["value"].mean()
+    assert list(frame.columns) == ["kind", "checkpoint", "weights", "tokens", "task", "lr", "gamma", "seed", "step",
+                                   "metric", "value"]  # a study's columns
+    check_rows(frame.to_dict("records"))  # and its metric names
+    sensitivity = frame[frame["metric"] == "delta_bpb"].groupby("gamma")["value"].mean()
     assert sensitivity[4.0] > sensitivity[0.5] > 0
-    sweep = frame[frame["probe"] == "finetune"]
-    assert sorted(sweep["lr"].unique()) == [0.0, 1e-4, 1e-1]
-    assert {"id_bpb", "ood_bpb", "bench_arc_easy_acc", "bench_piqa_acc"} <= set(sweep["metric"])
+    sweep = frame[frame["kind"] == "finetune"]
+    assert sorted(sweep["lr"].unique()) == [1e-4, 1e-1] and sorted(sweep["step"].unique()) == [0, 2]
+    assert {"id_bpb", "ood_bpb", "bench_arc_easy_acc", "bench_piqa_acc_norm"} <= set(sweep["metric"])
+    before = sweep[sweep["step"] == 0].pivot_table(index="metric", columns="lr", values="value")
+    assert (before[1e-4] == before[1e-1]).all()  # both runs start from the same model, measured once
     assert (frame["metric"] == "hessian_top_eig").sum() == 1
     report = (tmp_path / "audit" / "audit.md").read_text()
     assert "## In plain words" in report and "raises it by" in report and "tokens seen in pre-training: 7680" in report
@@ -51,12 +58,13 @@ def test_audit_of_smollm2_from_its_pypi_wheel(tmp_path):
                                       "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
     frame = pd.read_csv(tmp_path / "audit.csv")
-    base_bpb = frame.query("probe == 'base' and metric == 'bpb'")["value"].iloc[0]
+    base_bpb = frame.query("kind == 'probe' and metric == 'bpb'")["value"].iloc[0]
     assert 0.7 < base_bpb < 1.6  # a trained 135M model on English prose; an untrained one is above 5
-    sensitivity = frame[frame["probe"] == "sensitivity"].groupby("gamma")["value"].mean()
+    sensitivity = frame[frame["metric"] == "delta_bpb"].groupby("gamma")["value"].mean()
     assert sensitivity[1.0] > sensitivity[0.25] > 0
-    ood = frame.query("probe == 'finetune' and metric == 'ood_bpb'").set_index("lr")["value"]
-    assert ood[1e-3] - ood[0.0] > ood[1e-5] - ood[0.0] + 0.01
+    ood = frame.query("kind == 'finetune' and metric == 'ood_bpb'").pivot_table(index="lr", columns="step", values="value")
+    forgetting = ood[4] - ood[0]
+    assert forgetting[1e-3] > forgetting[1e-5] + 0.01
     costs = json.loads((tmp_path / "audit.json").read_text())["costs"]
     assert max(costs["peak_resident_gib"].values()) < 24 and costs["train_tokens_per_second"] > 0
     assert "Verdict" in result.output and "## Cost" in result.output
@@ -115,8 +123,10 @@ def test_audit_of_a_series_side_by_side_with_a_verdict_each(tiny_model, byte_cor
 
 
 def sweep_result(forgetting_by_lr: dict[float, float]) -> AuditResult:
-    rows = [{"probe": "finetune", "lr": 0.0, "metric": "ood_bpb", "value": 1.0}]
-    rows += [{"probe": "finetune", "lr": lr, "metric": "ood_bpb", "value": 1.0 + rise} for lr, rise in forgetting_by_lr.items()]
+    rows = []
+    for lr, rise in forgetting_by_lr.items():
+        rows += [{"kind": "finetune", "lr": lr, "step": 0, "metric": "ood_bpb", "value": 1.0},
+                 {"kind": "finetune", "lr": lr, "step": 10, "metric": "ood_bpb", "value": 1.0 + rise}]
     return AuditResult(SeriesCheckpoint("m", None, Path("m")), AuditConfig(lrs=tuple(forgetting_by_lr), tolerance_bpb=0.05),
                        rows)
 

@@ -15,10 +15,10 @@ from typer.testing import CliRunner
 
 from overtrain.models.checkpoints import save_checkpoint
 from overtrain.cli import app
-from overtrain.models.build import ModelSize, build_model
-from overtrain.spec import parse_spec
-from overtrain.study.folder import LOCK_FILE
-from overtrain.study.runner import study_status
+from overtrain.models.build import build_model
+from overtrain.spec import ModelSize, parse_spec
+from overtrain.study.folder import RunFolder
+from overtrain.study.store import study_status
 
 
 def run(study: dict, folder, *flags: str):
@@ -49,6 +49,23 @@ def test_empty_corpus(inputs):
     (inputs / "empty.txt").write_text("\n\n  \n")
     result = run(tiny_study(inputs, data={"corpus": str(inputs / "empty.txt")}), inputs)
     assert_refused(result, "empty.txt", "empty corpus")
+    assert not (inputs / "run").exists()
+
+
+def test_corpus_that_is_not_utf8(inputs):
+    corpus = inputs / "latin1.txt"
+    corpus.write_bytes(b"A first document.\n\nA second one,\n\x8cquoted in Windows-1252\x9d.\n")
+    result = run(tiny_study(inputs, data={"corpus": str(corpus)}), inputs)
+    assert_refused(result, f"{corpus}: line 4 is not UTF-8 (byte 0x8c at column 1)")
+    assert not (inputs / "run").exists()
+
+
+def test_task_file_that_is_not_utf8(inputs):
+    study = tiny_study(inputs)
+    lines = (inputs / "task.jsonl").read_bytes().splitlines()
+    lines[2] = b'{"prompt": "caf\xe9", "completion": " latin-1"}'
+    (inputs / "task.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    assert_refused(run(study, inputs), "task.jsonl: line 3 is not UTF-8 (byte 0xe9 at column 16)")
     assert not (inputs / "run").exists()
 
 
@@ -86,7 +103,7 @@ def test_unwritable_output_folder(inputs):
 
 def test_run_folder_in_use_by_another_run(inputs):
     (inputs / "run").mkdir()
-    with open(inputs / "run" / LOCK_FILE, "w") as lock:
+    with open(RunFolder(inputs / "run").lock, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         assert_refused(run(tiny_study(inputs), inputs), "another `overtrain run` is using this folder")
 
@@ -151,6 +168,7 @@ def test_disk_full_while_writing_a_checkpoint_stops_the_study(inputs, monkeypatc
     assert len(errors) == 1 and "disk full while running `pretrain cosine" in errors[0] and "free space" in errors[0]
     cells = study_status(inputs / "run")
     assert (cells["status"] == "failed").sum() == 1 and "No space left on device" in cells.loc[cells["status"] == "failed", "error"].iloc[0]
-    assert (cells["status"] == "pending").sum() == len(cells) - 1  # the study stopped at once
+    # The study stopped at once: the other run never started, the failed run's readers are blocked by it.
+    assert cells["status"].value_counts().to_dict() == {"pending": 3, "blocked": 2, "failed": 1}
     checkpoints = inputs / "run" / "checkpoints"
     assert not checkpoints.exists() or not list(checkpoints.iterdir())  # no partial checkpoint

@@ -146,7 +146,7 @@ def test_reproduction_page_of_a_real_tiny_run_has_every_verdict_and_its_figures(
                        sensitivity={"gammas": [0.5, 1.0], "seeds": [0, 1]}, finetune={"seeds": [0, 1]})
     (tmp_path / "study.yaml").write_text(yaml.safe_dump(study))
     os.chdir(tmp_path)  # the task file is named relative to the study folder
-    run_study(load_spec(tmp_path / "study.yaml"), tmp_path / "run", report=False)
+    run_study(load_spec(tmp_path / "study.yaml"), tmp_path / "run")
 
     page = write_reproduction(tmp_path / "run", tmp_path / "docs" / "REPRODUCTION.md", n_boot=100)
     text = page.read_text()

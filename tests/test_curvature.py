@@ -14,20 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from overtrain.models.build import ModelSize, build_model
-from overtrain.probes import curvature
-from overtrain.probes.curvature import (
-    HVP_METHODS,
-    Objective,
-    causal_lm_objective,
-    curvature_along,
-    eager_eval,
-    flatten,
-    forgetting_prediction,
-    hessian_eigenvalues,
-    hessian_trace,
-    unflatten,
-)
+from overtrain.models.build import build_model
+from overtrain.probes import hessian
+from overtrain.probes.curvature import curvature_along, forgetting_prediction
+from overtrain.probes.hessian import hessian_eigenvalues, hessian_trace
+from overtrain.probes.objective import HVP_METHODS, Objective, causal_lm_objective, eager_eval, flatten, unflatten
+from overtrain.spec import ModelSize
 
 VOCAB = 32
 
@@ -126,14 +118,16 @@ def test_top_eigenvalues_match_dense(setup):
         assert value == pytest.approx(reference, rel=1e-4)
     assert result.eigenvalues == sorted(result.eigenvalues, reverse=True)
     assert max(result.residuals) < 1e-5 * abs(result.eigenvalues[0])
-    assert result.hvp_count > 3
-    assert {"hessian_top_eig", "hvp_count", "residual"} <= {row["metric"] for row in result.to_rows()}
+    assert result.hvps > 3
+    rows = {row["metric"]: row["value"] for row in result.to_rows()}
+    assert rows["hessian_top_eig"] == result.eigenvalues[0] and rows["hessian_eig_hvps"] == result.hvps
+    assert rows["hessian_eig_residual"] == result.residuals[0] and rows["hessian_eig_3"] == result.eigenvalues[2]
 
 
 def test_a_large_model_keeps_its_lanczos_basis_in_float32_and_still_matches_dense(setup, monkeypatch):
     """Above the size limit (here: any size) the basis halves its memory; the eigenvalues hold."""
     _, _, objective, dense = setup
-    monkeypatch.setattr(curvature, "FLOAT64_BASIS_LIMIT_BYTES", 0)
+    monkeypatch.setattr(hessian, "FLOAT64_BASIS_LIMIT_BYTES", 0)
     result = hessian_eigenvalues(objective, k=2, tol=1e-8)
     assert result.eigenvectors.dtype == np.float32
     expected = torch.linalg.eigvalsh(dense).flip(0)[:2]
@@ -145,7 +139,7 @@ def test_a_large_model_keeps_its_lanczos_basis_in_float32_and_still_matches_dens
 def test_trace_within_a_few_standard_errors(setup, method):
     _, _, objective, dense = setup
     estimate = hessian_trace(objective, n_hvps=30, seed=0, method=method)
-    assert estimate.hvp_count == 30 and estimate.standard_error > 0
+    assert estimate.hvps == 30 and estimate.standard_error > 0
     assert abs(estimate.trace - dense.trace().item()) < 4 * estimate.standard_error
 
 

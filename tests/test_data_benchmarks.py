@@ -9,9 +9,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from overtrain.data.benchmarks import (
-    BENCHMARKS, MCItem, encode_request, evaluate_mc, evaluate_with_lm_eval, load_benchmark, loglikelihoods,
-)
+from overtrain.data.benchmarks import BENCHMARKS, MCItem, load_benchmark
+from overtrain.probes.scoring import encode_request, evaluate_mc, evaluate_with_lm_eval, loglikelihoods
 from overtrain.runtime.hashing import weights_sha256
 
 EXPECTED_COUNTS = {"arc_easy": 2376, "arc_challenge": 1172, "piqa": 1838, "hellaswag": 10042, "sciq": 1000, "winogrande": 1267}

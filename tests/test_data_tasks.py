@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from overtrain.data.tasks import (
-    BUILTIN_TASKS, Example, load_task, normalize, split_by_group, strip_docstrings_and_comments, tokenize_examples,
-)
+from overtrain.data.code import strip_docstrings_and_comments
+from overtrain.data.examples import tokenize_examples
+from overtrain.data.tasks import BUILTIN_TASKS, Example, load_task, normalize
 from overtrain.data.tokenizer import train_tokenizer
 from overtrain.errors import DataError
 
@@ -56,15 +56,6 @@ def test_multiple_choice_tasks_keep_choices_and_gold(name, n_choices):
     if name == "classify":
         assert {e.completion for e in task.train} == {" yes", " no"}
         assert task.heldout[0].prompt.endswith("?\nAnswer:")
-
-
-def test_split_by_group_keeps_each_group_on_one_side():
-    examples = [Example(f"p{i}", f"c{i}") for i in range(60)]
-    groups = [f"module{i % 12}" for i in range(60)]
-    train, heldout = split_by_group(examples, groups, 0.25, seed=0)
-    group_of = {id(e): g for e, g in zip(examples, groups)}
-    assert not {group_of[id(e)] for e in train} & {group_of[id(e)] for e in heldout}
-    assert len({group_of[id(e)] for e in heldout}) == 3
 
 
 def test_code_task_is_split_by_module_and_records_python():
@@ -169,6 +160,9 @@ def test_jsonl_user_task_and_its_errors(tmp_path):
         load_task(str(path))
     path.write_text('{"prompt": "Q:", "completion": " A"}\nnot json\n')
     with pytest.raises(DataError, match=r"task\.jsonl: line 2: malformed JSON"):
+        load_task(str(path))
+    path.write_bytes(b'{"prompt": "Q:", "completion": " A"}\n{"prompt": "\xe9", "completion": " B"}\n')
+    with pytest.raises(DataError, match=r"task\.jsonl: line 2 is not UTF-8 \(byte 0xe9 at column 13\)"):
         load_task(str(path))
     path.write_text('{"prompt": "Q:", "completion": " A"}\n{"prompt": "q: ", "completion": " B"}\n')
     with pytest.raises(DataError, match="1 distinct group"):

@@ -8,8 +8,9 @@ import pytest
 from tiny_study import comparable, tiny_study
 
 from overtrain.spec import parse_spec
-from overtrain.study.execute import log_path
-from overtrain.study.runner import STORE_FILE, load_results, run_study, study_status
+from overtrain.study.folder import RunFolder
+from overtrain.study.runner import run_study
+from overtrain.study.store import load_results, study_status
 from overtrain.study.store import Store
 
 
@@ -25,7 +26,7 @@ def finished_run(inputs, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("engine") / "run"
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(inputs)
-        run_study(parse_spec(tiny_study(inputs)), run_dir, workers=0, report=False)
+        run_study(parse_spec(tiny_study(inputs)), run_dir, workers=0)
     return run_dir
 
 
@@ -36,7 +37,7 @@ def copy_of_run(finished_run, inputs, tmp_path, monkeypatch):
 
 
 def started_times(run_dir) -> dict[str, float]:
-    store = Store(run_dir / STORE_FILE)
+    store = Store(RunFolder(run_dir).store)
     try:
         return dict(zip(*store.cells()[["key", "started"]].T.values))
     finally:
@@ -51,16 +52,16 @@ def test_every_planned_cell_runs_once_and_logs_its_output(finished_run):
     identity = ["cell", "metric", "step", "gamma", "seed"]
     assert not results.duplicated(identity).any()
     for _, cell in cells.iterrows():
-        log = log_path(finished_run, cell["key"]).read_text()
+        log = RunFolder(finished_run).log(cell["key"]).read_text()
         assert log.startswith(f"== {cell['label']} | key {cell['key']}")
     constant = cells.set_index("label").loc["pretrain constant", "key"]
-    assert "pretrain constant" in log_path(finished_run, constant).read_text().split("\n", 1)[1]  # the training bar
+    assert "pretrain constant" in RunFolder(finished_run).log(constant).read_text().split("\n", 1)[1]  # the training bar
 
 
 def test_a_rerun_skips_every_finished_cell(copy_of_run, inputs):
     before = started_times(copy_of_run)
     results = comparable(load_results(copy_of_run))
-    run_study(parse_spec(tiny_study(inputs)), copy_of_run, workers=0, report=False)
+    run_study(parse_spec(tiny_study(inputs)), copy_of_run, workers=0)
     assert started_times(copy_of_run) == before
     assert comparable(load_results(copy_of_run)).equals(results)
 
@@ -68,7 +69,7 @@ def test_a_rerun_skips_every_finished_cell(copy_of_run, inputs):
 def test_an_edited_study_runs_only_its_new_cells(copy_of_run, inputs):
     before = started_times(copy_of_run)
     edited = tiny_study(inputs, finetune={"lrs": [1e-3, 1e-2, 3e-2]})
-    run_study(parse_spec(edited), copy_of_run, workers=0, report=False)
+    run_study(parse_spec(edited), copy_of_run, workers=0)
     after = started_times(copy_of_run)
     new = set(after) - set(before)
     assert {k: after[k] for k in before} == before  # nothing finished was redone
@@ -80,16 +81,16 @@ def test_an_edited_study_runs_only_its_new_cells(copy_of_run, inputs):
 def test_a_failing_cell_is_recorded_the_study_goes_on_and_retry_reruns_it(copy_of_run, inputs, monkeypatch):
     spec = parse_spec(tiny_study(inputs, sensitivity={"gammas": [2.0]}))  # six new probe cells
     monkeypatch.setenv("OVERTRAIN_FAULT", "raise:cell-probe#2")
-    run_study(spec, copy_of_run, workers=0, report=False)
+    run_study(spec, copy_of_run, workers=0)
     cells = study_status(copy_of_run)
     failed = cells[cells["status"] == "failed"]
     assert len(failed) == 1 and "InjectedFault: injected fault at cell-probe" in failed["error"].iloc[0]
     assert (cells["status"] == "done").sum() == 22  # the other probes and every fine-tune ran
 
     monkeypatch.delenv("OVERTRAIN_FAULT")
-    run_study(spec, copy_of_run, workers=0, report=False)
+    run_study(spec, copy_of_run, workers=0)
     assert (study_status(copy_of_run)["status"] == "failed").sum() == 1  # failures stay failed...
-    run_study(spec, copy_of_run, workers=0, retry_failed=True, report=False)
+    run_study(spec, copy_of_run, workers=0, retry_failed=True)
     assert set(study_status(copy_of_run)["status"]) == {"done"}  # ...until asked
-    log = log_path(copy_of_run, failed["key"].iloc[0]).read_text()
+    log = RunFolder(copy_of_run).log(failed["key"].iloc[0]).read_text()
     assert log.count("\n== ") + log.startswith("== ") == 2  # both attempts are in the log

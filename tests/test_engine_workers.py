@@ -9,8 +9,9 @@ import pytest
 from tiny_study import comparable, tiny_study
 
 from overtrain.spec import parse_spec
-from overtrain.study.execute import log_path
-from overtrain.study.runner import load_results, run_study, study_status
+from overtrain.study.folder import RunFolder
+from overtrain.study.runner import run_study
+from overtrain.study.store import load_results, study_status
 
 # The constant run, its wsd branches, probes of all four checkpoints, eight fine-tunes.
 SMALL = {"pretrain": {"schedules": ["constant", "wsd"]}, "sensitivity": None}
@@ -21,7 +22,7 @@ def inline_results(tmp_path_factory):
     folder = tmp_path_factory.mktemp("inline")
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(folder)
-        run_study(parse_spec(tiny_study(folder, **SMALL)), folder / "run", workers=0, report=False)
+        run_study(parse_spec(tiny_study(folder, **SMALL)), folder / "run", workers=0)
     return comparable(load_results(folder / "run"))
 
 
@@ -33,12 +34,12 @@ def assert_same_results(run_dir, expected):
     # Thread counts may differ from the inline run, so sums may round differently.
     assert np.allclose(got["value"], expected["value"], rtol=1e-4, atol=1e-6, equal_nan=True)
     for key in cells["key"]:
-        assert log_path(run_dir, key).read_text().startswith("== ")
+        assert RunFolder(run_dir).log(key).read_text().startswith("== ")
 
 
 def test_two_worker_processes(inline_results, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    run_study(parse_spec(tiny_study(tmp_path, **SMALL)), tmp_path / "run", workers=2, report=False)
+    run_study(parse_spec(tiny_study(tmp_path, **SMALL)), tmp_path / "run", workers=2)
     assert_same_results(tmp_path / "run", inline_results)
     threads = {line.split("|")[3].strip() for line in
                (log.read_text().splitlines()[0] for log in (tmp_path / "run" / "logs").iterdir())}

@@ -11,8 +11,9 @@ import yaml
 from tiny_study import KILL_POINTS, checkpoint_hashes, comparable, run_in_subprocess, tiny_study
 
 from overtrain.spec import parse_spec
-from overtrain.study.execute import log_path
-from overtrain.study.runner import load_results, run_study, study_status
+from overtrain.study.folder import RunFolder
+from overtrain.study.runner import run_study
+from overtrain.study.store import load_results, study_status
 
 KILLED = -9
 IDENTITY = ["cell", "metric", "step", "gamma", "seed"]
@@ -24,7 +25,7 @@ def reference_run(study: dict, folder, monkeypatch):
     threads = torch.get_num_threads()
     torch.set_num_threads(os.cpu_count())
     try:
-        run_study(parse_spec(study), folder / "reference", workers=0, report=False)
+        run_study(parse_spec(study), folder / "reference", workers=0)
     finally:
         torch.set_num_threads(threads)
     return folder / "reference"
@@ -58,7 +59,7 @@ def test_killed_mid_pretraining_resumes_from_its_checkpoint(tmp_path, monkeypatc
     assert set(study_status(tmp_path / "run")["status"]) == {"done"}
     assert_same_as(tmp_path / "run", reference)
     key = study_status(tmp_path / "run").set_index("label").loc["pretrain constant", "key"]
-    assert log_path(tmp_path / "run", key).read_text().count("== pretrain constant") == 2  # killed, then resumed
+    assert RunFolder(tmp_path / "run").log(key).read_text().count("== pretrain constant") == 2  # killed, then resumed
 
 
 @pytest.mark.slow

@@ -14,7 +14,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from overtrain.analysis.report import TABLES_DIR, write_report
+from overtrain.analysis.report import write_report
+from overtrain.study.folder import ReportFolder, RunFolder
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 BUDGETS = [4096, 8192, 16384, 32768, 65536]
@@ -93,10 +94,10 @@ def test_page_leads_with_the_recommendation_then_the_sections_in_order(report_di
 
 
 def test_tables_and_summary_are_written(report_dir):
-    names = {p.stem for p in (report_dir / TABLES_DIR).glob("*.csv")}
+    names = {p.stem for p in ReportFolder(report_dir).tables.glob("*.csv")}
     assert {"base_model", "sensitivity_rank_trend", "inflection_T_pre_by_gamma", "tuned_lr_math",
             "matched_loss_checkpoints_math", "matched_loss_lrs_math", "recommendation_math"} <= names
-    trend = pd.read_csv(report_dir / TABLES_DIR / "sensitivity_rank_trend.csv")
+    trend = pd.read_csv(ReportFolder(report_dir).table("sensitivity_rank_trend"))
     assert (trend["rho"] > 0.9).all()  # the synthetic sensitivity grows with tokens
     summary = (report_dir / "summary.md").read_text()
     assert summary.startswith("# overtrain report: synthetic") and "![base_bpb](base_bpb.png)" in summary
@@ -134,12 +135,11 @@ def test_benchmark_accuracy_appears_once_measured(tmp_path):
 
 def test_report_builds_from_a_run_folder_store(tmp_path):
     from overtrain.analysis.report import build_report
-    from overtrain.study.runner import STORE_FILE
     from overtrain.study.store import Store
 
-    store = Store(tmp_path / STORE_FILE)
+    store = Store(RunFolder(tmp_path).store)
     cells = list(probe_results_only().groupby("cell"))
-    store.set_plan([(cell, rows["kind"].iloc[0]) for cell, rows in cells])
+    store.set_plan([(cell, rows["kind"].iloc[0], None) for cell, rows in cells])
     for cell, rows in cells:
         store.set_plan_key(cell, cell)
         store.start(cell, rows["kind"].iloc[0], cell, {})

@@ -10,8 +10,8 @@ import pytest
 import torch
 import yaml
 
-from overtrain.data.code import mix_in_code
-from overtrain.data.tasks import code_modules, function_headers, load_task, stdlib_sources, strip_docstrings_and_comments
+from overtrain.data.code import code_modules, function_headers, mix_in_code, stdlib_sources, strip_docstrings_and_comments
+from overtrain.data.tasks import load_task
 from overtrain.probes.residue import docstring_prompts, docstring_rate, opens_with_docstring, sample_continuations
 from overtrain.train.schedules import Schedule
 from overtrain.train.loop import TrainConfig, train
@@ -106,7 +106,8 @@ def test_the_same_seed_samples_the_same_text(tiny_model, byte_corpus):
 def test_a_study_with_code_in_pretraining_reports_the_docstring_rate_before_and_after(tmp_path):
     from overtrain.analysis.report import build_report
     from overtrain.spec import load_spec
-    from overtrain.study.runner import load_results, run_study
+    from overtrain.study.runner import run_study
+    from overtrain.study.store import load_results
 
     from tiny_study import tiny_study
 
@@ -114,7 +115,7 @@ def test_a_study_with_code_in_pretraining_reports_the_docstring_rate_before_and_
                        finetune={"tasks": ["code_nodoc"], "docstring_prompts": 3, "eval_every": 0})
     (tmp_path / "study.yaml").write_text(yaml.safe_dump(study))
     os.chdir(tmp_path)
-    run_study(load_spec(tmp_path / "study.yaml"), tmp_path / "run", workers=0, report=False)
+    run_study(load_spec(tmp_path / "study.yaml"), tmp_path / "run", workers=0)
     rates = load_results(tmp_path / "run").query("metric == 'docstring_rate'")
     assert set(rates["step"]) == {0, 2} and len(rates) == 2 * 2 * 2  # checkpoints x LRs x before/after
     assert rates["value"].between(0, 1).all()

@@ -6,10 +6,12 @@ import math
 import pytest
 import torch
 
-from overtrain.models.build import ModelSize, build_model
-from overtrain.probes.curvature import Objective, causal_lm_objective, curvature_along
+from overtrain.models.build import build_model
+from overtrain.probes.curvature import curvature_along
 from overtrain.probes.drift import parameter_drift, representation_drift
+from overtrain.probes.objective import Objective, causal_lm_objective
 from overtrain.probes.sharpness import critical_sharpness, kl_sharpness
+from overtrain.spec import ModelSize
 
 VOCAB = 64
 

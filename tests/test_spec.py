@@ -1,5 +1,8 @@
 """Bad study files fail before any work: one line naming key or file, exit code 2."""
 
+import subprocess
+import sys
+
 import pytest
 from typer.testing import CliRunner
 
@@ -27,7 +30,20 @@ BAD = {
     "hub without revisions": ("checkpoints:\n  hub: EleutherAI/pythia-70m\n", "checkpoints.revisions: `hub` and"),
     "tokenizer beside checkpoints": ("checkpoints:\n  folders: ckpts/*\ntokenizer:\n  vocab_size: 512\n",
                                      "tokenizer: the checkpoints bring their own"),
+    "no schedule": ("pretrain:\n  budgets: [4096]\n  schedules: []\n", "pretrain.schedules: is empty"),
 }
+# List keys whose empty list would run the section and measure nothing: each is refused by name.
+EMPTY_MEASURES_NOTHING = {
+    "sensitivity.gammas": "`sensitivity: null` skips the probe",
+    "sensitivity.seeds": "`sensitivity: null` skips the probe",
+    "sharpness.kl_seeds": "the KL proxy needs at least one noise seed",
+    "finetune.tasks": "`finetune: null` skips fine-tuning",
+    "finetune.lrs": "`finetune: null` skips fine-tuning",
+    "finetune.seeds": "`finetune: null` skips fine-tuning",
+}
+for key, advice in EMPTY_MEASURES_NOTHING.items():
+    section, field = key.split(".")
+    BAD[f"empty {key}"] = (GOOD + f"{section}:\n  {field}: []\n", f"{key}: is empty, so nothing would be measured; {advice}")
 
 
 @pytest.mark.parametrize("case", sorted(BAD))
@@ -62,3 +78,19 @@ def test_study_reference_doc_is_up_to_date():
 
     doc = Path(__file__).parents[1] / "docs" / "STUDY.md"
     assert doc.read_text() == reference_markdown() + "\n", "regenerate with: overtrain keys > docs/STUDY.md"
+
+
+def test_empty_lists_that_mean_none_are_accepted():
+    from overtrain.spec import parse_spec
+
+    spec = parse_spec({"pretrain": {"budgets": [4096]}, "finetune": {"benchmarks": []}, "mitigations": {"l2": [], "lora": [4]}})
+    assert spec.finetune.benchmarks == [] and spec.mitigations.l2 == []
+
+
+def test_spec_imports_no_torch():
+    # The CLI checks a study (theory section included) before anything heavy is loaded.
+    code = ("import sys\nimport overtrain.spec as s\n"
+            "s.parse_spec({'pretrain': {'budgets': [4096]}, 'theory': {}})\n"
+            "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('overtrain'))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

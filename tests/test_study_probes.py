@@ -5,6 +5,7 @@ import math
 import pytest
 
 import overtrain
+from overtrain.probes.metrics import check_rows
 from overtrain.spec import parse_spec
 from tiny_study import tiny_study
 
@@ -23,6 +24,12 @@ def probed_run(tmp_path_factory):
 
 def values(frame, metric):
     return frame.loc[frame["metric"] == metric, "value"].tolist()
+
+
+def test_every_stored_metric_is_declared(probed_run):
+    _, frame = probed_run
+    check_rows(frame.to_dict("records"))
+    assert {"hessian_eig_hvps", "perturbed_bpb", "bench_arc_easy_acc_norm", "param_drift_l2"} <= set(frame["metric"])
 
 
 def test_every_checkpoint_gets_its_sharpness(probed_run):

@@ -17,6 +17,7 @@ from overtrain.theory.linear import (
     simulate,
 )
 from overtrain.theory.plots import plot_theory
+from overtrain.theory.run import run_theory, summary_markdown, summary_tables, written_summary
 
 
 @pytest.fixture(scope="module")
@@ -181,8 +182,21 @@ def test_simulation_is_deterministic(result):
 
 
 def test_summary_lists_every_minimum(result):
-    text = result.summary()
+    text = summary_markdown(result)
     assert text.count("| True") == len(result.config.gammas) + len(result.config.finetune_lrs) * len(result.config.lams)
+
+
+def test_the_folder_holds_the_summary_the_report_reads_back(tmp_path):
+    config = TheoryConfig(pretrain_steps=2000, n_checkpoints=12)
+    result = run_theory(config, tmp_path)
+    assert (tmp_path / "summary.md").read_text() == summary_markdown(result)
+    assert summary_markdown(result).startswith("# Theory: two-layer linear network\n")
+    written = written_summary(tmp_path)
+    assert [table.caption for table in written] == [table.caption for table in
+                                                    summary_tables(result.inflection_points(), result.finetune)]
+    assert written[1].frame["interior"].tolist() == summary_tables(result.inflection_points(),
+                                                                    result.finetune)[1].frame["interior"].tolist()
+    assert written_summary(tmp_path / "elsewhere") == []
 
 
 def test_plots_are_written(result, tmp_path):

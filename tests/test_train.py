@@ -30,7 +30,8 @@ def test_bits_per_byte_of_a_byte_model_is_loss_over_ln2(tiny_model, byte_corpus)
 
 
 def test_same_seed_same_weights(byte_corpus):
-    from overtrain.models.build import ModelSize, build_model
+    from overtrain.models.build import build_model
+    from overtrain.spec import ModelSize
 
     hashes = []
     for _ in range(2):

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from overtrain.models.build import ModelSize, build_model
+from overtrain.models.build import build_model
+from overtrain.spec import ModelSize
 
 
 def save_tiny(folder, seed, tokenizer):

@@ -72,7 +72,7 @@ def run_in_subprocess(study: Path, run_dir: Path, workers: int = 1, fault: str |
     if fault:
         env["OVERTRAIN_FAULT"] = fault
     script = ("import sys; from overtrain.spec import load_spec; from overtrain.study.runner import run_study; "
-              "run_study(load_spec(sys.argv[1]), sys.argv[2], workers=int(sys.argv[3]), report=False)")
+              "run_study(load_spec(sys.argv[1]), sys.argv[2], workers=int(sys.argv[3]))")
     return subprocess.run([sys.executable, "-c", script, str(study), str(run_dir), str(workers)], cwd=study.parent,
                           env=env, start_new_session=True, capture_output=True, text=True, timeout=600)
 

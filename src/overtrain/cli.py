@@ -1,11 +1,13 @@
-"""The `overtrain` command: a thin layer over the Python API.
+"""The `overtrain` command: typer over `overtrain.api`.
 
-Bad input (a study file, a run folder, a data file) ends with one line naming the
-problem and exit code 2.
+Bad input (an `OvertrainError`: a study file, a run folder, a data file, an option)
+ends with one line naming the problem and exit code 2. Anything else is a bug: one
+line with the path of the log holding its traceback, and exit code 1.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from importlib import resources
@@ -14,10 +16,8 @@ from pathlib import Path
 import typer
 import yaml
 
-from overtrain.api import load_spec, report, run, status
-from overtrain.models.checkpoints import CheckpointError
-from overtrain.spec import SpecError
-from overtrain.study.runner import StudyStopped
+from overtrain import api
+from overtrain.errors import OvertrainError, SpecError
 
 app = typer.Typer(
     help="Measure, explain and help avoid catastrophic overtraining: pre-train under controlled budgets and "
@@ -26,12 +26,26 @@ app = typer.Typer(
     add_completion=False,
 )
 
-BAD_INPUT = (SpecError, CheckpointError, FileNotFoundError, ValueError)
+
+@contextlib.contextmanager
+def errors_reported(run_dir: Path | None = None):
+    """Bad input: `error: <message>` and exit 2. A bug: its traceback goes to a log file (in `run_dir`'s
+    logs/ when the command has a run folder), the message names it, exit 1."""
+    try:
+        yield
+    except OvertrainError as err:
+        typer.echo(f"error: {_first_line(err)}", err=True)
+        raise typer.Exit(2) from None
+    except (typer.Exit, typer.Abort):
+        raise
+    except Exception as err:
+        log = api.save_traceback(err, run_dir)
+        typer.echo(f"internal error: {type(err).__name__}: {_first_line(err)}; full traceback in {log}", err=True)
+        raise typer.Exit(1) from None
 
 
-def _fail(err: Exception) -> None:
-    typer.echo(f"error: {err}", err=True)
-    raise typer.Exit(2)
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [""])[0]
 
 
 @app.command()
@@ -60,33 +74,33 @@ def run_command(
 
 def _run(study: Path, out: Path | None, retry_failed: bool, workers: int = 1, executor: str = "local",
          address: str | None = None) -> None:
-    try:
-        spec = load_spec(study)
-        run_dir = run(spec, out or Path("runs") / spec.name, retry_failed=retry_failed, workers=workers,
-                      executor=executor, address=address)
-    except SpecError as err:  # checks of the whole plan (budgets vs steps) know the key, not the file
-        _fail(err if str(err).startswith(str(study)) else SpecError(f"{study}: {err}"))
-    except (*BAD_INPUT, StudyStopped) as err:
-        _fail(err)
-    typer.echo(_counts_line(status(run_dir)))
-    typer.echo(f"results: {run_dir / 'results.csv'}\nreport:  {run_dir / 'report' / 'summary.md'}")
+    with errors_reported():
+        spec = api.load_spec(study)
+    run_dir = out or Path("runs") / spec.name
+    with errors_reported(run_dir):
+        try:
+            api.run(spec, run_dir, retry_failed=retry_failed, workers=workers, executor=executor, address=address)
+        except SpecError as err:  # checks of the whole plan (budgets vs steps) know the key, not the file
+            if not str(err).startswith(str(study)):
+                raise SpecError(f"{study}: {err}") from None
+            raise
+        folder = api.run_folder(run_dir)
+        typer.echo(_counts_line(api.status(run_dir)))
+        typer.echo(f"results: {folder.results_csv}\nreport:  {folder.report.markdown}")
 
 
 @app.command("status")
 def status_command(run_dir: Path = typer.Argument(..., help="A run folder.")) -> None:
     """Cells of the run's current plan by kind and status, what remains, and the errors of failed cells."""
-    try:
-        cells = status(run_dir)
-    except BAD_INPUT as err:
-        _fail(err)
-    counts = cells.groupby(["kind", "status"]).size().unstack(fill_value=0)
-    typer.echo(counts.to_string())
-    typer.echo(_counts_line(cells))
-    for _, failed in cells[cells["status"] == "failed"].iterrows():
-        last_line = (failed["error"] or "").strip().splitlines()[-1:] or [""]
-        typer.echo(f"failed: {failed['label']}: {last_line[0]}  (log: {run_dir / 'logs' / (failed['key'] + '.log')})")
-    for _, left in cells[~cells["status"].isin(["done", "diverged", "failed"])].head(20).iterrows():
-        typer.echo(f"{left['status']}: {left['label']}")
+    with errors_reported(run_dir):
+        cells, folder = api.status(run_dir), api.run_folder(run_dir)
+        typer.echo(cells.groupby(["kind", "status"]).size().unstack(fill_value=0).to_string())
+        typer.echo(_counts_line(cells))
+        for _, failed in cells[cells["status"] == "failed"].iterrows():
+            last_line = (failed["error"] or "").strip().splitlines()[-1:] or [""]
+            typer.echo(f"failed: {failed['label']}: {last_line[0]}  (log: {folder.log(failed['key'])})")
+        for _, left in cells[~cells["status"].isin(["done", "diverged", "failed"])].head(20).iterrows():
+            typer.echo(f"{left['status']}: {left['label']}" + (f" ({left['note']})" if left["note"] else ""))
 
 
 def _counts_line(cells) -> str:
@@ -103,11 +117,9 @@ def report_command(
     tolerance_bpb: float = typer.Option(0.05, help="Most forgetting allowed: rise in held-out pre-training bpb."),
 ) -> None:
     """Rebuild the report (report/index.html, summary.md, tables) of a run folder from its results store alone."""
-    try:
-        folder = report(run_dir, task=task, tolerance_bpb=tolerance_bpb)
-    except BAD_INPUT as err:
-        _fail(err)
-    typer.echo(f"report: {folder / 'index.html'}")
+    with errors_reported(run_dir):
+        api.report(run_dir, task=task, tolerance_bpb=tolerance_bpb)
+        typer.echo(f"report: {api.run_folder(run_dir).report.html}")
 
 
 @app.command("reproduction")
@@ -116,13 +128,8 @@ def reproduction_command(
     out: Path = typer.Option(Path("docs/REPRODUCTION.md"), help="Page to write; its figures go in a folder beside it."),
 ) -> None:
     """Check the papers' claims on a run (sensitivity, U-curves, schedules, tuned LR) and write the page."""
-    from overtrain.analysis.reproduction import write_reproduction
-
-    try:
-        page = write_reproduction(run_dir, out)
-    except BAD_INPUT as err:
-        _fail(err)
-    typer.echo(f"reproduction: {page}")
+    with errors_reported(run_dir):
+        typer.echo(f"reproduction: {api.reproduction(run_dir, out)}")
 
 
 @app.command("theory")
@@ -132,33 +139,20 @@ def theory_command(
     set_: list[str] = typer.Option([], "--set", help="Override one key, e.g. --set misalignment=0.8 --set 'gammas=[0.1, 0.4]'."),
 ) -> None:
     """Simulate the two-layer linear network: incremental learning, progressive sensitivity, U-curves (seconds)."""
-    from overtrain.theory.linear import config_from_dict
-    from overtrain.theory.run import run_theory
+    with errors_reported():
+        summary = api.theory(study, out, overrides=dict(_key_value(item) for item in set_))
+        typer.echo(summary.read_text())
+        typer.echo(f"plots and tables: {out}")
 
+
+def _key_value(item: str) -> tuple[str, object]:
+    key, sep, value = item.partition("=")
+    if not sep:
+        raise SpecError(f"--set {item!r}: expected KEY=VALUE")
     try:
-        section = _yaml_section(study, "theory") if study else {}
-        for item in set_:
-            key, sep, value = item.partition("=")
-            if not sep:
-                raise ValueError(f"--set {item!r}: expected KEY=VALUE")
-            section[key.strip()] = yaml.safe_load(value)
-        result = run_theory(config_from_dict(section), out)
-    except BAD_INPUT as err:
-        _fail(err)
-    typer.echo(result.summary())
-    typer.echo(f"\nplots and tables: {out}")
-
-
-def _yaml_section(path: Path, key: str) -> dict:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
+        return key.strip(), yaml.safe_load(value)
     except yaml.YAMLError as err:
-        raise ValueError(f"{path}: malformed YAML ({getattr(err, 'problem', err)})") from None
-    if not isinstance(data, dict) or not isinstance(data.get(key, {}), dict):
-        raise ValueError(f"{path}: `{key}` must be a mapping")
-    return dict(data.get(key) or {})
+        raise SpecError(f"--set {item!r}: malformed value ({getattr(err, 'problem', err)})") from None
 
 
 @app.command("audit")
@@ -183,34 +177,21 @@ def audit_command(
     device: str = typer.Option("auto", help="auto (CUDA when present, else CPU), cpu, or cuda[:N]."),
 ) -> None:
     """Audit a real model or a series: sensitivity, sharpness, and which fine-tuning LRs keep forgetting within a bound."""
-    from overtrain.audit.run import AuditConfig, audit, audit_series
-    from overtrain.models.series import resolve_series
-
-    revisions = [part for item in revision for part in item.split(",") if part]
-    try:
-        config = AuditConfig(task=task, lrs=_floats(lrs, "--lrs"), steps=steps, gammas=_floats(gammas, "--gammas"),
-                             tolerance_bpb=tolerance_bpb, benchmark_limit=benchmark_limit, hessian_tokens=hessian_tokens,
-                             heldout_tokens=heldout_tokens)
-        series = resolve_series(models, revisions)
-        if tokens is not None and len(series) > 1:
-            raise ValueError("--tokens: gives one checkpoint's tokens; a series takes them from names or manifests")
-        if len(series) == 1:
-            series[0].tokens = tokens if tokens is not None else series[0].tokens
-            audit(series[0], config, out, device)
-        else:
-            audit_series(series, config, out, device)
-    except BAD_INPUT as err:
-        _fail(err)
-    typer.echo((out / ("audit.md" if len(series) == 1 else "series.md")).read_text())
+    with errors_reported():
+        page = api.audit(models, out, revisions=[part for item in revision for part in item.split(",") if part],
+                         tokens=tokens, device=device, task=task, lrs=_floats(lrs, "--lrs"), steps=steps,
+                         gammas=_floats(gammas, "--gammas"), tolerance_bpb=tolerance_bpb,
+                         benchmark_limit=benchmark_limit, hessian_tokens=hessian_tokens, heldout_tokens=heldout_tokens)
+        typer.echo(page.read_text())
 
 
 def _floats(text: str, option: str) -> tuple[float, ...]:
     try:
         values = tuple(float(part) for part in text.split(","))
     except ValueError:
-        raise ValueError(f"{option} {text!r}: expected comma-separated numbers") from None
+        raise SpecError(f"{option} {text!r}: expected comma-separated numbers") from None
     if any(v <= 0 for v in values):
-        raise ValueError(f"{option} {text!r}: every value must be positive")
+        raise SpecError(f"{option} {text!r}: every value must be positive")
     return values
 
 
@@ -227,26 +208,18 @@ def probe_command(
     out: Path = typer.Option(None, help="Write the rows to this CSV as well."),
 ) -> None:
     """Sharpness of one model's held-out loss: Hessian top eigenvalues and trace, KL proxy, critical sharpness."""
-    from overtrain.audit.probe import probe_model
-    from overtrain.models.series import resolve_model
-
-    options = {"top_k": top_k, "tol": 1e-3, "trace_hvps": trace_hvps, "kl_gamma": kl_gamma, "kl_seeds": [0, 1, 2]}
-    try:
-        frame = probe_model(resolve_model(model, revision), options, tokens,
-                            base=resolve_model(base) if base else None)
-    except BAD_INPUT as err:
-        _fail(err)
-    if out:
-        frame.to_csv(out, index=False)
-    typer.echo(frame.drop(columns="model").to_string(index=False))
+    with errors_reported():
+        frame = api.probe(model, revision, base, tokens, top_k=top_k, trace_hvps=trace_hvps, kl_gamma=kl_gamma)
+        if out:
+            frame.to_csv(out, index=False)
+        typer.echo(frame.drop(columns="model").to_string(index=False))
 
 
 @app.command("keys")
 def keys_command() -> None:
     """Print the reference of every study-file key (the text of docs/STUDY.md)."""
-    from overtrain.spec import reference_markdown
-
-    typer.echo(reference_markdown())
+    with errors_reported():
+        typer.echo(api.keys())
 
 
 def main() -> None:  # pragma: no cover - `python -m overtrain`

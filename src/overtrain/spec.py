@@ -3,30 +3,67 @@
 Every key of the study file is a field below; its docstring is the key's
 documentation (docs/STUDY.md is generated from it). Unknown keys, wrong types and
 impossible values fail here, before any work, as `SpecError` naming the key.
+
+It also holds the size dial (`ModelSize`, `PRESETS`) that models/build.py builds
+from. This module imports no torch: the CLI reads and checks a study without it.
 """
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal, get_args, get_origin
-
-import re
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from overtrain.models.build import PRESETS, ModelSize
+from overtrain.errors import SpecError
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    """Width and depth of a Llama-style decoder."""
+
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    ffn_mult: float = 8 / 3  # SwiGLU hidden = ffn_mult * d_model, as in Llama
+    max_seq_len: int = 256
+    init_std: float = 0.02
+
+    @property
+    def ffn_dim(self) -> int:
+        # Round up to a multiple of 16: keeps matmuls aligned without changing the idea.
+        return int(-(-self.ffn_mult * self.d_model // 16) * 16)
+
+
+# Named points on the size dial (parameter counts are for a 4k vocabulary).
+PRESETS: dict[str, ModelSize] = {
+    "nano": ModelSize(d_model=32, n_layers=2, n_heads=2, max_seq_len=128),
+    "tiny": ModelSize(d_model=64, n_layers=2, n_heads=4),
+    "small": ModelSize(d_model=128, n_layers=4, n_heads=4),
+    "base": ModelSize(d_model=256, n_layers=6, n_heads=8, max_seq_len=512),
+    # ~48k parameters on a byte vocabulary: trains at ~80k tokens/s on one CPU core, so
+    # budgets of thousands of tokens per parameter fit in minutes (examples/paper.yaml).
+    "paper": ModelSize(d_model=32, n_layers=3, n_heads=2, max_seq_len=256),
+}
 
 PositiveFloat = Annotated[float, Field(gt=0)]
 PositiveInt = Annotated[int, Field(gt=0)]
 
 
-class SpecError(ValueError):
-    """A study file that cannot be run; the message is one line naming key and problem."""
-
-
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+def _not_empty(*fields: str, instead: str):
+    """A validator of list keys that would measure nothing when empty; `instead` says what to do."""
+    def check(cls, values: list) -> list:
+        if not values:
+            raise ValueError(f"is empty, so nothing would be measured; {instead}")
+        return values
+    return field_validator(*fields)(check)
 
 
 class DataSpec(Section):
@@ -84,10 +121,12 @@ class PretrainSpec(Section):
                 raise ValueError(f"must be strictly increasing ({before} then {after})")
         return budgets
 
+    _schedules_not_empty = _not_empty("schedules", instead="list at least one of cosine, constant, wsd")
+
     @field_validator("schedules")
     @classmethod
     def _distinct(cls, schedules: list[str]) -> list[str]:
-        if len(set(schedules)) != len(schedules) or not schedules:
+        if len(set(schedules)) != len(schedules):
             raise ValueError("must list each schedule once")
         return schedules
 
@@ -130,6 +169,8 @@ class SensitivitySpec(Section):
     gammas: list[PositiveFloat] = Field([0.5, 1.0], description="Noise magnitudes, in units of each tensor's init std.")
     seeds: list[int] = Field([0, 1, 2], description="Noise seeds per gamma; intervals are over these.")
 
+    _measures_something = _not_empty("gammas", "seeds", instead="`sensitivity: null` skips the probe")
+
 
 class SharpnessSpec(Section):
     """Curvature of the held-out pre-training loss at every checkpoint (and along every fine-tuning update)."""
@@ -142,6 +183,8 @@ class SharpnessSpec(Section):
     kl_seeds: list[int] = Field([0, 1, 2], description="Noise seeds of the KL proxy.")
     along_update: bool = Field(True, description="After each fine-tune: curvature along the update u, the predicted "
                                "forgetting 0.5 u^T H u beside the observed one, and parameter drift.")
+
+    _measures_something = _not_empty("kl_seeds", instead="the KL proxy needs at least one noise seed")
 
 
 class FinetuneSpec(Section):
@@ -164,6 +207,8 @@ class FinetuneSpec(Section):
     docstring_prompts: Annotated[int, Field(ge=0)] = Field(
         0, description="Behavioural residue, for code tasks: held-out function headers whose sampled continuations "
         "(4 each) are checked for a docstring before and after fine-tuning (`docstring_rate`); 0 to skip.")
+
+    _measures_something = _not_empty("tasks", "lrs", "seeds", instead="`finetune: null` skips fine-tuning")
 
 
 class MitigationSpec(Section):
@@ -280,7 +325,7 @@ def _first_error(err: ValidationError) -> str:
     if message.startswith(f"{key}."):  # the validator named the nested key itself
         return message
     value = first.get("input")
-    shown = "" if isinstance(value, dict) or value is None else f" (got {value!r})"
+    shown = "" if isinstance(value, dict) or value is None or value == [] else f" (got {value!r})"
     return f"{key}: {message}{shown}" if key else message
 
 

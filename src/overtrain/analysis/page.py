@@ -1,21 +1,29 @@
-"""A report page: sections of text, figures and tables, rendered two ways.
+"""The one writer of pages: sections of text, figures and tables, rendered two ways.
 
 - `to_html`: one self-contained file; figures are embedded as base64 data URIs and
   the style sheet is inline, so the page opens anywhere with no network and no
   sibling files.
-- `to_markdown`: `summary.md`, which links the PNG files beside it.
+- `to_markdown`: a `.md` page that links the PNG files (relative to the page's folder).
+
+A page is a title, settings (`key: value` pairs) and sections; a Markdown page may
+also open with intro paragraphs. A section holds, in this order: paragraphs, bullets,
+tables shown in the text, figures, the data tables behind it (the caller saves them
+as tables/<stem>.csv), and subsections.
 """
 
 from __future__ import annotations
 
 import base64
 import html
+import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
 FLOAT_FORMAT = "{:.4g}".format
+MARKDOWN_FLOAT_FORMAT = ".4g"
 
 
 @dataclass(frozen=True)
@@ -24,16 +32,28 @@ class Figure:
     caption: str  # what the plot shows, in numbers
 
 
+@dataclass(frozen=True)
+class Table:
+    """A table shown in full in the text, under its caption (no caption line when empty)."""
+    caption: str
+    frame: pd.DataFrame
+    index: bool = False  # show the frame's index as the first column
+
+
 @dataclass
 class Section:
     title: str
     paragraphs: list[str] = field(default_factory=list)
     figures: list[Figure] = field(default_factory=list)
-    tables: list[tuple[str, pd.DataFrame]] = field(default_factory=list)  # (file stem, table)
+    tables: list[tuple[str, pd.DataFrame]] = field(default_factory=list)  # (file stem, table): tables/<stem>.csv
     lead: bool = False  # the answer: drawn as a highlighted box at the top
+    bullets: list[str] = field(default_factory=list)
+    text_tables: list[Table] = field(default_factory=list)
+    subsections: list[Section] = field(default_factory=list)
 
     def is_empty(self) -> bool:
-        return not (self.paragraphs or self.figures or self.tables)
+        return not (self.paragraphs or self.bullets or self.text_tables or self.figures or self.tables
+                    or any(not sub.is_empty() for sub in self.subsections))
 
 
 STYLE = """
@@ -41,7 +61,7 @@ body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 0;
 main { max-width: 1120px; margin: 0 auto; padding: 24px 28px 60px; }
 h1 { font-size: 1.6em; margin-bottom: 4px; }
 h2 { font-size: 1.25em; margin-top: 36px; border-bottom: 1px solid #d5d9e0; padding-bottom: 4px; }
-p { line-height: 1.5; max-width: 70em; }
+p, li { line-height: 1.5; max-width: 70em; }
 .settings { font-size: 0.88em; color: #4a5262; }
 .settings td { padding: 1px 14px 1px 0; vertical-align: top; }
 .lead { background: #fff; border-left: 6px solid #2a7ae2; border-radius: 6px; padding: 4px 22px 12px;
@@ -59,6 +79,8 @@ table.data th { background: #eef1f5; }
 """
 
 
+# -- HTML ------------------------------------------------------------------------------
+
 def to_html(title: str, settings: list[tuple[str, str]], sections: list[Section]) -> str:
     rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(v)}</td></tr>" for k, v in settings)
     body = "".join(_section_html(section) for section in sections if not section.is_empty())
@@ -68,12 +90,18 @@ def to_html(title: str, settings: list[tuple[str, str]], sections: list[Section]
             f'<body><main><h1>{html.escape(title)}</h1><table class="settings">{rows}</table>{body}</main></body></html>\n')
 
 
-def _section_html(section: Section) -> str:
-    parts = [f"<h2>{html.escape(section.title)}</h2>"]
+def _section_html(section: Section, level: int = 2) -> str:
+    parts = [f"<h{level}>{html.escape(section.title)}</h{level}>"]
     parts += [f"<p>{html.escape(text)}</p>" for text in section.paragraphs]
+    if section.bullets:
+        parts.append("<ul>" + "".join(f"<li>{html.escape(item)}</li>" for item in section.bullets) + "</ul>")
+    for table in section.text_tables:
+        parts += [f"<p>{html.escape(table.caption)}</p>"] if table.caption else []
+        parts.append(_frame_html(table.frame, table.index))
     parts += [_figure_html(figure) for figure in section.figures]
     if section.tables:
         parts.append(_tables_html(section.tables))
+    parts += [_section_html(sub, level + 1) for sub in section.subsections if not sub.is_empty()]
     inner = "".join(parts)
     return f'<section class="lead">{inner}</section>' if section.lead else f"<section>{inner}</section>"
 
@@ -85,23 +113,48 @@ def _figure_html(figure: Figure) -> str:
             f"<figcaption>{html.escape(figure.caption)}</figcaption></figure>")
 
 
+def _frame_html(frame: pd.DataFrame, index: bool = False) -> str:
+    return frame.to_html(index=index, border=0, classes="data", float_format=FLOAT_FORMAT, na_rep="")
+
+
 def _tables_html(named_tables: list[tuple[str, pd.DataFrame]]) -> str:
     """The section's tables folded under one line: the numbers, for those who want them."""
-    parts = [f"<h4>{html.escape(name)} <small>(tables/{html.escape(name)}.csv)</small></h4>"
-             + table.to_html(index=False, border=0, classes="data", float_format=FLOAT_FORMAT, na_rep="")
+    parts = [f"<h4>{html.escape(name)} <small>(tables/{html.escape(name)}.csv)</small></h4>" + _frame_html(table)
              for name, table in named_tables]
     names = ", ".join(name for name, _ in named_tables)
     return f"<details><summary>Tables: {html.escape(names)}</summary>{''.join(parts)}</details>"
 
 
-def to_markdown(title: str, settings: list[tuple[str, str]], sections: list[Section]) -> str:
-    lines = [f"# {title}", "", *(f"- {key}: {value}" for key, value in settings), ""]
+# -- Markdown ----------------------------------------------------------------------------
+
+def to_markdown(title: str, settings: list[tuple[str, str]], sections: list[Section], intro: Sequence[str] = (),
+                page_dir: Path | None = None) -> str:
+    """The page as Markdown; figures link relative to `page_dir` (default: the PNGs sit beside the page)."""
+    lines = [f"# {title}", ""]
+    lines += [f"{text}\n" for text in intro]
+    if settings:
+        lines += [*(f"- {key}: {value}" for key, value in settings), ""]
     for section in sections:
-        if section.is_empty():
-            continue
-        lines += [f"## {section.title}", ""]
-        lines += [f"{text}\n" for text in section.paragraphs]
-        lines += [f"![{figure.path.stem}]({figure.path.name})\n\n{figure.caption}\n" for figure in section.figures]
-        for name, table in section.tables:
-            lines += [f"Table `{name}` (tables/{name}.csv):", "", table.to_markdown(index=False, floatfmt=".4g"), ""]
+        lines += _section_markdown(section, page_dir)
     return "\n".join(lines) + "\n"
+
+
+def _section_markdown(section: Section, page_dir: Path | None, level: int = 2) -> list[str]:
+    if section.is_empty():
+        return []
+    lines = [f"{'#' * level} {section.title}", ""]
+    lines += [f"{text}\n" for text in section.paragraphs]
+    if section.bullets:
+        lines += [*(f"- {item}" for item in section.bullets), ""]
+    for table in section.text_tables:
+        lines += [table.caption, ""] if table.caption else []
+        lines += [table.frame.to_markdown(index=table.index, floatfmt=MARKDOWN_FLOAT_FORMAT), ""]
+    for figure in section.figures:
+        link = os.path.relpath(figure.path, page_dir) if page_dir is not None else figure.path.name
+        lines.append(f"![{figure.path.stem}]({Path(link).as_posix()})\n\n{figure.caption}\n")
+    for name, table in section.tables:
+        lines += [f"Table `{name}` (tables/{name}.csv):", "",
+                  table.to_markdown(index=False, floatfmt=MARKDOWN_FLOAT_FORMAT), ""]
+    for sub in section.subsections:
+        lines += _section_markdown(sub, page_dir, level + 1)
+    return lines

@@ -28,6 +28,9 @@ from overtrain.analysis import curves, page, plots, tables
 from overtrain.analysis.page import Figure, Section
 from overtrain.analysis.plots import short_tokens
 from overtrain.analysis.recommend import DEFAULT_TOLERANCE_BPB, Recommendation, id_metric_for, recommend
+from overtrain.study.folder import ReportFolder, RunFolder
+from overtrain.study.store import load_results
+from overtrain.theory.run import TITLE as THEORY_TITLE, written_summary
 
 SHARPNESS_METRICS = {  # probe metric -> axis label
     "hessian_top_eig": "top Hessian eigenvalue",
@@ -35,8 +38,6 @@ SHARPNESS_METRICS = {  # probe metric -> axis label
     "kl_sharpness": "KL sharpness",
     "critical_sharpness": "critical sharpness",
 }
-TABLES_DIR = "tables"
-THEORY_DIR = "theory"  # inside the run folder: the theory simulation's figures and summary.md
 RECOMMENDATION_ROWS = 8  # the best, its runners-up and the first excluded choices
 
 
@@ -49,12 +50,11 @@ def build_report(run_dir: str | Path, task: str | None = None, tolerance_bpb: fl
     fine-tuning, relative to its own base checkpoint.
     n_boot, seed: bootstrap resamples behind every interval, and their seed.
     """
-    from overtrain.study.runner import load_results  # the runner imports torch; keep `analysis` light
-
-    run_dir = Path(run_dir)
-    study = json.loads((run_dir / "study.json").read_text())
-    return write_report(load_results(run_dir), study, run_dir / "report", task, tolerance_bpb, n_boot, seed,
-                        theory_dir=run_dir / THEORY_DIR)
+    folder = RunFolder(run_dir)
+    results = load_results(run_dir)  # first: it names the missing or damaged store of a folder that is not a run
+    study = json.loads(folder.study.read_text())
+    return write_report(results, study, folder.report.path, task, tolerance_bpb, n_boot, seed,
+                        theory_dir=folder.theory)
 
 
 def write_report(results: pd.DataFrame, study: dict, out: Path, task: str | None = None,
@@ -62,26 +62,27 @@ def write_report(results: pd.DataFrame, study: dict, out: Path, task: str | None
                  theory_dir: Path | None = None) -> Path:
     """The report of tidy `results` of a study (its study.json as a dict) into folder `out`.
 
-    theory_dir: where the study's theory simulation wrote its PNGs and summary.md, if it has one.
+    theory_dir: where the study's theory simulation wrote its PNGs and tables, if it has one.
     """
-    (out / TABLES_DIR).mkdir(parents=True, exist_ok=True)
+    files = ReportFolder(out)
+    files.tables.mkdir(parents=True, exist_ok=True)
     remove_previous_build(out)
     report = Report(results, out, n_boot, seed, theory_dir)
     sections = report.sections(task, tolerance_bpb) if not results.empty else [
         Section("No results yet", ["The store has no finished cells; run the study first."])]
     title = f"overtrain report: {study['name']}"
     settings = study_settings(study)
-    (out / "index.html").write_text(page.to_html(title, settings, sections))
-    (out / "summary.md").write_text(page.to_markdown(title, settings, sections))
+    files.html.write_text(page.to_html(title, settings, sections))
+    files.markdown.write_text(page.to_markdown(title, settings, sections))
     for section in sections:
         for name, table in section.tables:
-            table.to_csv(out / TABLES_DIR / f"{name}.csv", index=False)
+            table.to_csv(files.table(name), index=False)
     return out
 
 
 def remove_previous_build(out: Path) -> None:
     """Drop the figures and tables of an earlier build, so nothing stale survives a rebuild."""
-    for stale in [*out.glob("*.png"), *out.glob(f"{TABLES_DIR}/*.csv")]:
+    for stale in [*out.glob("*.png"), *ReportFolder(out).tables.glob("*.csv")]:
         stale.unlink()
 
 
@@ -405,15 +406,13 @@ class Report:
                             f"Spearman correlation {rho:.2f} over {len(points)} runs.")]
 
     def theory(self) -> Section:
-        """The linear-network theory's figures and summary, as `overtrain.theory.run.run_theory` wrote them."""
+        """The linear-network theory's figures and summary tables, from the files `run_theory` wrote."""
         folder = self.theory_dir
-        if folder is None or not folder.is_dir():
-            return Section("Theory: two-layer linear network")
-        summary = folder / "summary.md"
-        paragraphs = [line.lstrip("#- ").strip() for line in summary.read_text().splitlines()
-                      if line.strip()] if summary.exists() else []
+        summary = written_summary(folder) if folder is not None else []
+        if not summary:
+            return Section(THEORY_TITLE)
         figures = [Figure(png, png.stem.replace("_", " ")) for png in sorted(folder.glob("*.png"))]
-        return Section("Theory: two-layer linear network", paragraphs, figures)
+        return Section(THEORY_TITLE, figures=figures, text_tables=summary)
 
     def mitigations(self) -> Section:
         """Per mitigation, at each checkpoint's tuned LR: task result against forgetting, and where T_pre lands."""

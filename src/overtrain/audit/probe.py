@@ -6,9 +6,10 @@ from __future__ import annotations
 import pandas as pd
 
 from overtrain.data.corpus import default_heldout_batches
-from overtrain.probes.drift import representation_drift
 from overtrain.models.series import SeriesCheckpoint, load_series_model
-from overtrain.study.cells import sharpness_rows, update_rows
+from overtrain.probes.drift import representation_drift
+from overtrain.probes.metrics import check_rows
+from overtrain.probes.suite import sharpness_rows, update_rows
 
 
 def probe_model(checkpoint: SeriesCheckpoint, options: dict, tokens: int, seq_len: int = 128, batch_size: int = 8,
@@ -22,4 +23,5 @@ def probe_model(checkpoint: SeriesCheckpoint, options: dict, tokens: int, seq_le
         base_model, _ = load_series_model(base)
         rows += update_rows(base_model, model, batches)
         rows += representation_drift(base_model, model, batches).to_rows()
+    check_rows(rows)
     return pd.DataFrame(rows).assign(model=checkpoint.label)

@@ -21,7 +21,10 @@ import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from overtrain.data.packages import cache_dir
+from overtrain.data.prose import default_documents
+from overtrain.data.splits import split_documents
 from overtrain.data.tokenizer import token_byte_lengths, train_tokenizer
+from overtrain.errors import DataError
 
 # Tokenizer training reads at most this much text: BPE merges settle long before.
 TOKENIZER_TRAIN_CHARS = 8_000_000
@@ -48,7 +51,7 @@ class PreparedCorpus:
         branches at step s sees exactly what an uninterrupted run sees after s steps.
         """
         if len(self.train) <= seq_len + 1:
-            raise ValueError(f"{self.folder}: training stream has {len(self.train)} tokens, fewer than one window of {seq_len}")
+            raise DataError(f"{self.folder}: training stream has {len(self.train)} tokens, fewer than one window of {seq_len}")
         rng = np.random.default_rng(seed)
         for _ in range(start_step):
             rng.integers(0, len(self.train) - seq_len, size=batch_size)
@@ -62,7 +65,7 @@ class PreparedCorpus:
         """Consecutive windows from the start of the held-out stream, at most `max_tokens`."""
         n_windows = min(max_tokens, len(self.heldout)) // seq_len
         if n_windows == 0:
-            raise ValueError(f"{self.folder}: held-out stream has {len(self.heldout)} tokens, fewer than one window of {seq_len}")
+            raise DataError(f"{self.folder}: held-out stream has {len(self.heldout)} tokens, fewer than one window of {seq_len}")
         windows = torch.from_numpy(self.heldout[: n_windows * seq_len].astype(np.int64)).view(n_windows, seq_len)
         return [{"input_ids": w, "labels": w} for w in windows.split(batch_size)]
 
@@ -88,8 +91,6 @@ def prepare_corpus(train_docs: list[str], heldout_docs: list[str], vocab_size: i
 def default_heldout_batches(tokenizer, tokens: int, seq_len: int, batch_size: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
     """The first `tokens` of the default corpus' held-out documents, in any model's tokenizer:
     the same text for every model, so their bits-per-byte compare."""
-    from overtrain.data.sources import default_documents, split_documents
-
     _, heldout = split_documents(default_documents(), 0.02, seed)
     stream = encode_documents(heldout[:200], tokenizer)
     n_windows = min(tokens, len(stream)) // seq_len

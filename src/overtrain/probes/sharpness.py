@@ -21,8 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from overtrain.models.build import init_stds
-from overtrain.probes.curvature import Batch, Objective, Params, dot
+from overtrain.probes.objective import Batch, Objective, Params, dot
 from overtrain.probes.perturb import InPlacePerturber
+from overtrain.probes.scoring import next_token_targets
 
 # --------------------------------------------------------------------------- KL proxy
 
@@ -59,7 +60,7 @@ def kl_sharpness(model: torch.nn.Module, batches: Sequence[Batch], gamma: float,
     """KL between the model's and its perturbed versions' next-token distributions.
 
     Averaged over every unmasked next-token position of all batches (labels != -100
-    after the shift), in the model's own dtype. Batch by batch: the base log-probs of
+    after the shift), in float32 at least. Batch by batch: the base log-probs of
     a batch, then each seed's perturbed log-probs of the same batch. The noise of a
     seed is the same for every batch (InPlacePerturber draws it from the seed).
     """
@@ -90,9 +91,8 @@ def _next_token_log_probs(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     inputs = {"input_ids": batch["input_ids"].to(device), "use_cache": False}
     if "attention_mask" in batch:
         inputs["attention_mask"] = batch["attention_mask"].to(device)
-    logits = model(**inputs).logits[:, :-1]
-    predicted = batch["labels"][:, 1:].to(device) != -100
-    return F.log_softmax(logits[predicted], dim=-1)
+    predictions, _ = next_token_targets(model(**inputs).logits, batch["labels"])
+    return F.log_softmax(predictions, dim=-1)
 
 
 # --------------------------------------------------------------------------- critical sharpness

@@ -10,12 +10,14 @@ import contextlib
 
 import torch
 
+from overtrain.errors import SpecError
+
 
 def pick_device(requested: str = "auto") -> torch.device:
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if requested.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device={requested!r}: CUDA is not available on this machine")
+        raise SpecError(f"device={requested!r}: CUDA is not available on this machine")
     return torch.device(requested)
 
 

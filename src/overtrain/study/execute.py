@@ -8,8 +8,9 @@ never touches the results store. Three of them:
 - ray (`--executor ray`): Ray tasks on a local instance or a cluster (`--address`),
   each asking for its CPUs (and a GPU when the study runs on CUDA).
 
-A worker needs only the job: the study spec, the run folder and the prepared corpus
-folder, which it opens read-only (memory-mapped token streams, no re-tokenizing).
+A worker needs only the job: the cell, the run folder, the prepared corpus folder,
+which it opens read-only (memory-mapped token streams, no re-tokenizing), and the
+device. Not the study spec: a cell reads its config and nothing else of the study.
 """
 
 from __future__ import annotations
@@ -34,21 +35,21 @@ from transformers import AutoTokenizer
 
 from overtrain.data.corpus import PreparedCorpus
 from overtrain.runtime.device import pick_device
-from overtrain.spec import SpecError, StudySpec
+from overtrain.errors import SpecError
+from overtrain.probes.metrics import check_rows
 from overtrain.study.cells import RUNNERS, StudyContext
 from overtrain.runtime.faults import fault_point
+from overtrain.study.folder import RunFolder
 from overtrain.study.plan import Cell
-
-LOG_DIR = "logs"
 
 
 @dataclass(frozen=True)
 class CellJob:
     key: str
     cell: Cell
-    spec: StudySpec
     run_dir: Path
     corpus_folder: Path
+    device: str   # the study's `device` setting, deliberately not in the key: a study may move between machines
     threads: int  # torch intra-op threads for this cell
 
 
@@ -61,10 +62,6 @@ class CellOutcome:
     seconds: float = 0.0
 
 
-def log_path(run_dir: Path, key: str) -> Path:
-    return Path(run_dir) / LOG_DIR / f"{key}.log"
-
-
 # -- what a worker does ---------------------------------------------------------------
 
 def run_job(job: CellJob, capture_fds: bool = True) -> CellOutcome:
@@ -73,12 +70,13 @@ def run_job(job: CellJob, capture_fds: bool = True) -> CellOutcome:
     torch.set_num_threads(job.threads)
     started = time.perf_counter()
     try:
-        with capture_output(log_path(job.run_dir, job.key), capture_fds):
+        with capture_output(RunFolder(job.run_dir).log(job.key), capture_fds):
             print(f"== {job.cell.label} | key {job.key} | {socket.gethostname()} pid {os.getpid()} | "
                   f"{job.threads} threads | {time.strftime('%Y-%m-%d %H:%M:%S')}", flush=True)
             try:
                 fault_point(f"cell-{job.cell.kind}")  # fault-injection tests die here
                 rows = RUNNERS[job.cell.kind](job.cell, job.key, _context(job))
+                check_rows(rows)  # every metric a cell emits is declared in probes/metrics.py
             except Exception as err:  # noqa: BLE001 - a failed cell is a recorded result
                 traceback.print_exc()
                 return CellOutcome(job.key, error=traceback.format_exc(limit=8), out_of_space=_is_disk_full(err),
@@ -130,11 +128,11 @@ _contexts: dict[tuple, StudyContext] = {}
 
 def _context(job: CellJob) -> StudyContext:
     """The study context, built once per worker: later cells reuse its held-out batches and tasks."""
-    ident = (str(job.run_dir), str(job.corpus_folder), job.spec.model_dump_json())
+    ident = (str(job.run_dir), str(job.corpus_folder), job.device)
     if ident not in _contexts:
         _contexts.clear()
-        _contexts[ident] = StudyContext(spec=job.spec, run_dir=Path(job.run_dir), corpus=open_corpus(job.corpus_folder),
-                                        device=pick_device(job.spec.device))
+        _contexts[ident] = StudyContext(run_dir=Path(job.run_dir), corpus=open_corpus(job.corpus_folder),
+                                        device=pick_device(job.device))
     return _contexts[ident]
 
 
@@ -200,7 +198,7 @@ class LocalExecutor:
                 broken = True
                 outcomes.append(CellOutcome(job.key, error=(
                     "a worker process died while this cell ran (this cell or one beside it was killed, e.g. out "
-                    f"of memory); see {log_path(job.run_dir, job.key)}; run again with --retry-failed")))
+                    f"of memory); see {RunFolder(job.run_dir).log(job.key)}; run again with --retry-failed")))
         if broken:  # a dead worker breaks the whole pool: start a fresh one for the cells still to come
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = self._new_pool()

@@ -1,8 +1,19 @@
-"""A run folder, claimed by one `overtrain run` at a time.
+"""A run folder: the one place its layout is spelled, and its lock.
 
-The claim is an exclusive `flock` on `<run>/.lock`, held for the whole run: the
-kernel drops it when the process dies, however it dies, so a killed run never
-leaves a stale lock, and `status` can tell a running study from an interrupted one.
+    runs/x/
+      study.json         the study as last run here
+      results.sqlite     the results store (store.py)
+      results.csv        the tidy results of the current plan (and results.parquet)
+      checkpoints/<name> one HF folder per checkpoint
+      logs/<key>.log     each cell's output
+      corpus/<id>        the prepared corpus, copied for workers on other machines (Ray)
+      theory/            the theory simulation's figures and summary.md
+      report/            index.html, summary.md, tables/*.csv and the figures
+      .lock              held by the `overtrain run` using the folder
+
+The claim is an exclusive `flock` on `.lock`, held for the whole run: the kernel
+drops it when the process dies, however it dies, so a killed run never leaves a
+stale lock, and `status` can tell a running study from an interrupted one.
 """
 
 from __future__ import annotations
@@ -13,37 +24,106 @@ import json
 import os
 from pathlib import Path
 
-from overtrain.spec import SpecError, StudySpec
+from overtrain.errors import SpecError
+from overtrain.spec import StudySpec
 
-LOCK_FILE = ".lock"
+
+class ReportFolder:
+    """A report's files; `write_report` may build one anywhere, a run's lives in `report/`."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    @property
+    def html(self) -> Path:
+        return self.path / "index.html"
+
+    @property
+    def markdown(self) -> Path:
+        return self.path / "summary.md"
+
+    @property
+    def tables(self) -> Path:
+        return self.path / "tables"
+
+    def table(self, name: str) -> Path:
+        return self.tables / f"{name}.csv"
+
+
+class RunFolder:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    @property
+    def study(self) -> Path:
+        return self.path / "study.json"
+
+    @property
+    def store(self) -> Path:
+        return self.path / "results.sqlite"
+
+    @property
+    def results_csv(self) -> Path:
+        return self.path / "results.csv"
+
+    @property
+    def results_parquet(self) -> Path:
+        return self.path / "results.parquet"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    def checkpoint(self, name: str) -> Path:
+        return self.checkpoints / name
+
+    def log(self, key: str) -> Path:
+        return self.path / "logs" / f"{key}.log"
+
+    def corpus(self, corpus_id: str) -> Path:
+        return self.path / "corpus" / corpus_id
+
+    @property
+    def theory(self) -> Path:
+        return self.path / "theory"
+
+    @property
+    def report(self) -> ReportFolder:
+        return ReportFolder(self.path / "report")
+
+    @property
+    def lock(self) -> Path:
+        return self.path / ".lock"
 
 
 @contextlib.contextmanager
-def claimed_run_folder(run_dir: Path, spec: StudySpec):
+def claimed_run_folder(folder: RunFolder, spec: StudySpec):
     """Create the folder if needed, hold its lock, record the study; yield the folder."""
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        lock = open(run_dir / LOCK_FILE, "a+")
+        folder.path.mkdir(parents=True, exist_ok=True)
+        lock = open(folder.lock, "a+")
     except OSError as err:
-        raise SpecError(f"{run_dir}: output folder is not writable ({err.strerror})") from None
+        raise SpecError(f"{folder}: output folder is not writable ({err.strerror})") from None
     with lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise SpecError(f"{run_dir}: another `overtrain run` is using this folder") from None
+            raise SpecError(f"{folder}: another `overtrain run` is using this folder") from None
         lock.truncate(0)
         lock.write(f"{os.getpid()}\n")
         lock.flush()
-        (run_dir / "study.json").write_text(json.dumps(spec.model_dump(mode="json"), indent=1))
-        yield run_dir
+        folder.study.write_text(json.dumps(spec.model_dump(mode="json"), indent=1))
+        yield folder
 
 
-def is_running(run_dir: Path) -> bool:
+def is_running(folder: RunFolder) -> bool:
     """Whether an `overtrain run` holds the folder now."""
-    path = Path(run_dir) / LOCK_FILE
-    if not path.exists():
+    if not folder.lock.exists():
         return False
-    with open(path) as lock:
+    with open(folder.lock) as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -7,14 +7,26 @@ cells copy each one into the run folder); probe and fine-tune cells read one che
   branches leave from, with its optimizer state).
 - wsd: per budget B, a branch that leaves the constant run at (1 - f) * B tokens and
   decays linearly to zero at B, so decayed and undecayed checkpoints meet at B.
+
+A cell's config holds every input of the study that changes its result, and nothing
+else: cells read only their config, the prepared corpus and the checkpoint they start
+from (both named by content in the cell's key), so an edit reruns exactly the cells
+it changes (tests/test_cell_keys.py).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
+from importlib.metadata import version
+from pathlib import Path
 
+from overtrain.data.tasks import task_file
+from overtrain.errors import SpecError
+from overtrain.models.checkpoints import read_manifest
 from overtrain.models.series import SeriesCheckpoint
-from overtrain.spec import SpecError, StudySpec
+from overtrain.spec import StudySpec
 
 SERIES = "series"  # the `schedule` of checkpoints that are not ours: how they were trained is not known
 
@@ -67,15 +79,15 @@ def plan_study(spec: StudySpec, series: list[SeriesCheckpoint] | None = None) ->
                     for seed in ft.seeds:
                         # A probe switched off stays out of the key: runs made before it existed are reused.
                         off = {"docstring_prompts"} if not ft.docstring_prompts else set()
-                        config = {**_checkpoint_context(ref), "task": task, "lr": lr, "seed": seed,
-                                  **ft.model_dump(exclude={"tasks", "lrs", "seeds", *off}),
-                                  "eval": spec.eval.model_dump(), "sharpness": _sharpness(spec),
+                        config = {**_checkpoint_context(ref), "task": task, "task_seed": spec.seed, "lr": lr,
+                                  "seed": seed, **ft.model_dump(exclude={"tasks", "lrs", "seeds", *off}),
+                                  **_text_eval(spec), "along_update": _along_update(spec),
                                   "mitigation": None, "wise": spec.mitigations.wise if spec.mitigations else []}
                         label = f"finetune {ref.name} {task} lr={lr:g} seed={seed}"
                         cells.append(Cell("finetune", label, config, reads=ref.name))
                         for kind, value in _mitigation_variants(spec):
                             cells.append(Cell("finetune", f"{label} {kind}={value:g}",
-                                              {**config, "mitigation": {kind: value}, "wise": [], "sharpness": None},
+                                              {**config, "mitigation": {kind: value}, "wise": [], "along_update": None},
                                               reads=ref.name))
     return cells
 
@@ -131,8 +143,14 @@ def _branch_point(budget: int, spec: StudySpec) -> int:
 
 
 def _probe_config(spec: StudySpec, ref: CheckpointRef) -> dict:
-    return {**_checkpoint_context(ref), "eval": spec.eval.model_dump(),
-            "sensitivity": spec.sensitivity.model_dump() if spec.sensitivity else None, "sharpness": _sharpness(spec)}
+    return {**_checkpoint_context(ref), **_text_eval(spec),
+            "sensitivity": spec.sensitivity.model_dump() if spec.sensitivity else None,
+            "sharpness": spec.sharpness.model_dump(exclude={"along_update"}) if spec.sharpness else None}
+
+
+def _text_eval(spec: StudySpec) -> dict:
+    """How held-out pre-training text is cut and evaluated (the windows' length also serves replay)."""
+    return {"eval": spec.eval.model_dump(), "text_seq_len": spec.text_seq_len}
 
 
 def _mitigation_variants(spec: StudySpec) -> list[tuple[str, float]]:
@@ -143,8 +161,9 @@ def _mitigation_variants(spec: StudySpec) -> list[tuple[str, float]]:
     return [(kind, value) for kind in ("l2", "replay", "lora") for value in getattr(mitigations, kind)]
 
 
-def _sharpness(spec: StudySpec) -> dict | None:
-    return spec.sharpness.model_dump() if spec.sharpness else None
+def _along_update(spec: StudySpec) -> dict | None:
+    """Curvature along each fine-tuning update: over the first `tokens` held-out tokens, or not measured."""
+    return {"tokens": spec.sharpness.tokens} if spec.sharpness and spec.sharpness.along_update else None
 
 
 def _checkpoint_context(ref: CheckpointRef) -> dict:
@@ -165,3 +184,19 @@ def _check_budgets(spec: StudySpec) -> None:
         # A branch that leaves during warmup never decays: it would be the constant run under another name.
         raise SpecError(f"pretrain.warmup_tokens: {spec.pretrain.warmup_tokens} tokens is past where the wsd branch of the "
                         f"first budget ({spec.pretrain.budgets[0]}) starts to decay; shorten the warmup or raise the budget")
+
+
+def cell_key(cell: Cell, corpus_id: str, checkpoint_dir: Path) -> str:
+    """A hash of everything the cell's result depends on: its config, the prepared corpus, the
+    weights it starts from, the content of a user task file, and the versions that matter."""
+    task = task_file(cell.config["task"]) if cell.kind == "finetune" else None
+    inputs = {
+        "kind": cell.kind,
+        "config": cell.config,
+        "corpus": corpus_id,
+        "reads": read_manifest(checkpoint_dir / cell.reads)["weights_sha256"] if cell.reads else None,
+        "versions": {package: version(package).split("+")[0] for package in ("overtrain", "torch", "transformers")},
+    }
+    if task is not None:  # only then: the keys of every other cell stay those of earlier runs
+        inputs["task_file"] = hashlib.sha256(task.read_bytes()).hexdigest()
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:24]

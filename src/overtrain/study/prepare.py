@@ -1,21 +1,32 @@
-"""Checks of a study's inputs that the study file alone cannot show, made before anything is written.
+"""A study's inputs, prepared and checked before any work: existing checkpoints, cells, corpus, tasks.
 
-Each raises an error whose message is one line naming the key, file or folder at
-fault (the CLI prints it and exits with code 2).
+Nothing is written to the run folder until every check has passed (the prepared
+corpus goes to the user cache, which is safe to share). Each check raises an error
+whose message is one line naming the key, file or folder at fault (the CLI prints it
+and exits with code 2).
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from overtrain.models.checkpoints import MANIFEST, CheckpointError, check_checkpoint_folder
-from overtrain.data.corpus import PreparedCorpus
+from overtrain.data.code import mix_in_code
+from overtrain.data.corpus import PreparedCorpus, prepare_corpus
+from overtrain.data.files import load_documents
+from overtrain.data.prose import default_documents
+from overtrain.data.splits import split_documents
 from overtrain.data.tasks import load_task
-from overtrain.spec import SpecError, StudySpec
-from overtrain.study.plan import Cell, trained_tokens
+from overtrain.errors import CheckpointError, SpecError
+from overtrain.models.checkpoints import MANIFEST, check_checkpoint_folder
+from overtrain.models.series import SeriesCheckpoint, inspect_series, series_from_sources
+from overtrain.spec import StudySpec
+from overtrain.study.folder import RunFolder
+from overtrain.study.plan import Cell, plan_study, trained_tokens
+from overtrain.study.store import check_store
 
 # Pre-training may repeat its data at most this many times: up to ~4 epochs, repeated
 # tokens are worth almost as much as fresh ones (Muennighoff et al., 2023, "Scaling
@@ -26,11 +37,63 @@ MAX_EPOCHS = 4
 IDENTITY_SECTIONS = ("data", "tokenizer", "model")
 
 
+@dataclass(frozen=True)
+class Prepared:
+    cells: list[Cell]
+    corpus: PreparedCorpus
+
+
+def prepare(spec: StudySpec, folder: RunFolder) -> Prepared:
+    """The study's cells and prepared corpus, once everything that can reject the input has passed."""
+    series, their_tokenizer = _existing_checkpoints(spec)
+    cells = plan_study(spec, series)
+    check_run_folder(folder.path, spec)
+    check_store(folder.store)
+    train_docs, heldout_docs = _documents(spec)
+    check_documents(spec, train_docs, heldout_docs)
+    # Cached under the user cache; a study of existing checkpoints encodes the text in their tokenizer.
+    corpus = prepare_corpus(train_docs, heldout_docs, spec.tokenizer.vocab_size, their_tokenizer)
+    check_corpus_size(spec, corpus)
+    check_tasks(spec)
+    check_checkpoints(cells, folder.checkpoints, corpus)
+    return Prepared(cells, corpus)
+
+
+def _existing_checkpoints(spec: StudySpec) -> tuple[list[SeriesCheckpoint] | None, PreTrainedTokenizerBase | None]:
+    """The `checkpoints` series, each loaded once (hash, duplicates, checks), and their tokenizer."""
+    if spec.checkpoints is None:
+        return None, None
+    try:
+        series = series_from_sources(**spec.checkpoints.sources())
+        unknown = [c.label for c in series if c.tokens is None]
+        if unknown:
+            raise CheckpointError(f"{unknown[0]}: pre-training tokens unknown (neither its name nor a manifest "
+                                  "tells); give them in checkpoints.tokens")
+    except CheckpointError as err:
+        raise SpecError(f"checkpoints: {err}") from None
+    lengths = {"checkpoints.seq_len": spec.checkpoints.seq_len,
+               "finetune.seq_len": spec.finetune.seq_len if spec.finetune else 0}
+    longest = max(lengths, key=lengths.get)
+    return series, inspect_series(series, lengths[longest], longest)
+
+
+def _documents(spec: StudySpec) -> tuple[list[str], list[str]]:
+    """The corpus' training and held-out documents."""
+    data = spec.data
+    documents = default_documents() if data.corpus == "default" else load_documents(data.corpus, data.text_field)
+    train, heldout = split_documents(documents, data.heldout_fraction, spec.seed)
+    if data.max_documents:
+        train = train[: data.max_documents]
+    if data.code_fraction:
+        train = mix_in_code(train, data.code_fraction, spec.seed)
+    return train, heldout
+
+
 def check_run_folder(run_dir: Path, spec: StudySpec) -> None:
     """The folder is new, or holds this study (or an edit of it that keeps its data, tokenizer and model)."""
     if run_dir.exists() and not run_dir.is_dir():
         raise SpecError(f"{run_dir}: output folder is a file")
-    saved = run_dir / "study.json"
+    saved = RunFolder(run_dir).study
     if not saved.exists():
         return
     previous = json.loads(saved.read_text())

@@ -1,5 +1,7 @@
 """One progress line for a whole study: cells finished of all, what is running, speed, ETA.
 
+On a resumed run the bar starts at the cells whose results are already stored.
+
 The ETA is the mean time of each kind of cell measured so far, times the cells of
 that kind still to run, divided by the cells that run at once; it shows `?` until
 every remaining kind has been timed once. Pre-training speed (tokens/s) is the last
@@ -17,16 +19,19 @@ from overtrain.study.plan import Cell
 
 
 class StudyProgress:
-    def __init__(self, name: str, cells: list[Cell], slots: int) -> None:
+    def __init__(self, name: str, cells: list[Cell], slots: int, recorded: list[Cell]) -> None:
+        """recorded: the cells whose outcome is stored already; they are counted from the start."""
         self.slots = slots
         self.to_run = Counter(cell.kind for cell in cells)
+        self.to_run.subtract(cell.kind for cell in recorded)
         self.seconds: dict[str, list[float]] = defaultdict(list)
         self.running: dict[str, tuple[Cell, float]] = {}
         self.tokens_per_second: float | None = None
-        self.bar = tqdm(total=len(cells), desc=f"study {name}", unit="cell", dynamic_ncols=True)
+        self.bar = tqdm(total=len(cells), initial=len(recorded), desc=f"study {name}", unit="cell", dynamic_ncols=True)
 
     def skipped(self, cell: Cell) -> None:
-        """Already finished, or its input will not appear in this run."""
+        """Will not run and was not counted at the start: its input will not appear in this run,
+        or its key, once known, turned out to be finished already."""
         self.to_run[cell.kind] -= 1
         self.bar.update()
 

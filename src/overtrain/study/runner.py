@@ -1,4 +1,4 @@
-"""Run a study in a run folder: check inputs, prepare data, run the cells not yet done, report.
+"""Run a study in a run folder: check inputs, prepare data, run the cells not yet done.
 
 A cell's key hashes everything that determines its result: its config, the weights
 it starts from (sha256 from the checkpoint manifest), the prepared corpus and the
@@ -14,100 +14,76 @@ This process alone writes the store; executors (execute.py) run cells and return
 A cell that reads a checkpoint starts as soon as that checkpoint exists, written by
 the current key of the pre-training cell that makes it (the constant run's early
 checkpoints are probed while it is still training).
+
+The theory simulation and the report are the caller's (`overtrain.api.run`): they sit
+above the study.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import shutil
 from pathlib import Path
 
-import torch
-import transformers
-from transformers import PreTrainedTokenizerBase
-
-from overtrain import __version__
-from overtrain.models.checkpoints import MANIFEST, CheckpointError, read_manifest
-from overtrain.data.code import mix_in_code
-from overtrain.data.corpus import PreparedCorpus, prepare_corpus
-from overtrain.data.sources import default_documents, load_documents, split_documents
-from overtrain.models.series import SeriesCheckpoint, inspect_series, series_from_sources
-from overtrain.spec import SpecError, StudySpec
-from overtrain.study.prepare import (check_checkpoints, check_corpus_size, check_documents, check_run_folder,
-                                    check_tasks)
+from overtrain.models.checkpoints import MANIFEST, read_manifest
+from overtrain.data.corpus import PreparedCorpus
+from overtrain.errors import StudyStopped
+from overtrain.spec import StudySpec
+from overtrain.study.prepare import prepare
 from overtrain.study.cells import is_diverged
 from overtrain.study.execute import CellJob, CellOutcome, make_executor
-from overtrain.study.plan import Cell, plan_study
+from overtrain.study.plan import Cell, cell_key
 from overtrain.study.progress import StudyProgress
-from overtrain.study.folder import claimed_run_folder, is_running
-from overtrain.study.store import FINISHED, Store
-from overtrain.theory.linear import config_from_dict
-from overtrain.theory.run import run_theory
+from overtrain.study.folder import RunFolder, claimed_run_folder
+from overtrain.study.store import FINISHED, Store, export_tables
 
-STORE_FILE = "results.sqlite"
 POLL_SECONDS = 0.5  # how often to look for checkpoints that running cells have just written
 
 
-class StudyStopped(RuntimeError):
-    """The study cannot go on (the disk is full); finished cells are kept."""
+def run_study(spec: StudySpec, run_dir: str | Path, retry_failed: bool = False, workers: int = 1,
+              executor: str = "local", address: str | None = None) -> Path:
+    """Run or resume `spec` in `run_dir`; `workers` cells at once (0: in this process).
 
-
-def run_study(spec: StudySpec, run_dir: str | Path, retry_failed: bool = False, report: bool = True,
-              workers: int = 1, executor: str = "local", address: str | None = None) -> Path:
-    """Run or resume `spec` in `run_dir`; `workers` cells at once (0: in this process)."""
+    Ends with the tidy results exported beside the store (results.csv, results.parquet).
+    """
     run_dir = Path(run_dir)
-    # Everything that can reject the input runs before the first write.
-    series, their_tokenizer = _existing_checkpoints(spec)
-    cells = plan_study(spec, series)
-    check_run_folder(run_dir, spec)
-    train_docs, heldout_docs = _documents(spec)
-    check_documents(spec, train_docs, heldout_docs)
-    # Cached under the user cache; a study of existing checkpoints encodes the text in their tokenizer.
-    corpus = prepare_corpus(train_docs, heldout_docs, spec.tokenizer.vocab_size, their_tokenizer)
-    check_corpus_size(spec, corpus)
-    check_tasks(spec)
-    check_checkpoints(cells, run_dir / "checkpoints", corpus)
+    folder = RunFolder(run_dir)
+    prepared = prepare(spec, folder)  # everything that can reject the input runs before the first write
+    cells, corpus = prepared.cells, prepared.corpus
 
     runner = make_executor(executor, workers, address, spec.device)
     try:
-        with claimed_run_folder(run_dir, spec):
-            store = Store(run_dir / STORE_FILE)
+        with claimed_run_folder(folder, spec):
+            store = Store(folder.store)
             try:
-                corpus_folder = corpus.folder if executor == "local" else _shared_copy(corpus, run_dir)
-                _StudyRun(spec, run_dir, corpus_folder, cells, store, runner, retry_failed).run()
-                export_tables(run_dir, store)
-                if spec.theory is not None:  # seconds of NumPy: recomputed, not cached
-                    run_theory(config_from_dict(spec.theory), run_dir / "theory")
+                corpus_folder = corpus.folder if executor == "local" else _shared_copy(corpus, folder)
+                _StudyRun(spec, folder, corpus_folder, cells, store, runner, retry_failed).run()
+                export_tables(folder, store)
             finally:
                 store.close()
     finally:
         runner.close()
-    if report:
-        from overtrain.analysis.report import build_report
-        build_report(run_dir)
     return run_dir
 
 
 class _StudyRun:
     """The scheduling loop: start every cell whose input is ready, record what comes back."""
 
-    def __init__(self, spec: StudySpec, run_dir: Path, corpus_folder: Path, cells: list[Cell], store: Store,
+    def __init__(self, spec: StudySpec, folder: RunFolder, corpus_folder: Path, cells: list[Cell], store: Store,
                  executor, retry_failed: bool) -> None:
-        self.spec, self.run_dir, self.corpus_folder = spec, run_dir, corpus_folder
+        self.spec, self.folder, self.corpus_folder = spec, folder, corpus_folder
         self.cells, self.store, self.executor, self.retry_failed = cells, store, executor, retry_failed
         self.producer = {ref.name: cell for cell in cells for ref in cell.writes}
         self.keys: dict[str, str] = {}      # label -> key, once known
         self.settled: set[str] = set()      # labels that will not run (again) in this run
+        self.recorded: set[str] = set()     # labels settled before this run started (already on the progress bar)
         self.running: dict[str, Cell] = {}  # key -> cell
-        self.progress = StudyProgress(spec.name, cells, executor.slots)
-
-    @property
-    def checkpoint_dir(self) -> Path:
-        return self.run_dir / "checkpoints"
 
     def run(self) -> None:
-        self.store.set_plan([(cell.label, cell.kind) for cell in self.cells])
+        self.store.set_plan([(cell.label, cell.kind, self.producer[cell.reads].label if cell.reads else None)
+                             for cell in self.cells])
+        self.recorded = {cell.label for cell in self.cells if self._recorded(cell)}
+        self.progress = StudyProgress(self.spec.name, self.cells, self.executor.slots,
+                                      [cell for cell in self.cells if cell.label in self.recorded])
         waiting = sorted(self.cells, key=_priority)
         stop: StudyStopped | None = None
         try:
@@ -139,8 +115,7 @@ class _StudyRun:
                 still.append(cell)
                 continue
             key = self._key(cell)
-            status = self.store.status(key)
-            if status in FINISHED or (status == "failed" and not self.retry_failed):
+            if self._is_final(self.store.status(key)):
                 self._settle(cell)
             elif len(self.running) >= self.executor.slots:
                 still.append(cell)
@@ -148,29 +123,43 @@ class _StudyRun:
                 self.store.start(key, cell.kind, cell.label, cell.config)
                 self.running[key] = cell
                 self.progress.started(key, cell)
-                self.executor.submit(CellJob(key, cell, self.spec, self.run_dir, self.corpus_folder, self.executor.threads))
+                self.executor.submit(CellJob(key, cell, self.folder.path, self.corpus_folder, self.spec.device,
+                                             self.executor.threads))
         return still
+
+    def _recorded(self, cell: Cell) -> bool:
+        """Whether the cell's outcome is already stored under its current key, so it will not run.
+
+        Called on the cells in plan order, before any runs: a cell's key is known when it
+        reads no checkpoint or when its checkpoint was made by its maker's current key.
+        """
+        return self._input_state(cell) == "ready" and self._is_final(self.store.status(self._key(cell)))
+
+    def _is_final(self, status: str | None) -> bool:
+        """Finished (done, diverged), or failed and not to be retried."""
+        return status in FINISHED or (status == "failed" and not self.retry_failed)
 
     def _input_state(self, cell: Cell) -> str:
         """'ready', 'wait' (its checkpoint may still come) or 'missing' (it will not, this run)."""
         if cell.reads is None:
             return "ready"
         producer = self.producer[cell.reads]
-        manifest = self.checkpoint_dir / cell.reads / MANIFEST
+        manifest = self.folder.checkpoint(cell.reads) / MANIFEST
         if producer.label in self.keys and manifest.exists() and read_manifest(manifest.parent).get("cell") == self.keys[producer.label]:
             return "ready"
         return "missing" if producer.label in self.settled else "wait"
 
     def _key(self, cell: Cell) -> str:
         if cell.label not in self.keys:
-            self.keys[cell.label] = cell_key(cell, self.corpus_folder.name, self.checkpoint_dir)
+            self.keys[cell.label] = cell_key(cell, self.corpus_folder.name, self.folder.checkpoints)
             self.store.set_plan_key(cell.label, self.keys[cell.label])
         return self.keys[cell.label]
 
     def _settle(self, cell: Cell) -> None:
         """This cell will not run in this run: finished before, failed before, or its input is missing."""
         self.settled.add(cell.label)
-        self.progress.skipped(cell)
+        if cell.label not in self.recorded:
+            self.progress.skipped(cell)
 
     def _record(self, outcome: CellOutcome) -> StudyStopped | None:
         cell = self.running.pop(outcome.key)
@@ -181,9 +170,9 @@ class _StudyRun:
             return None
         self.store.fail(outcome.key, outcome.error)
         last_line = outcome.error.strip().splitlines()[-1]
-        self.progress.note(f"failed: {cell.label}: {last_line} (log: logs/{outcome.key}.log)")
+        self.progress.note(f"failed: {cell.label}: {last_line} (log: {self.folder.log(outcome.key)})")
         if outcome.out_of_space:
-            return StudyStopped(f"{self.run_dir}: disk full while running `{cell.label}`; free space and run again "
+            return StudyStopped(f"{self.folder}: disk full while running `{cell.label}`; free space and run again "
                                 "(finished cells are kept)")
         return None
 
@@ -195,90 +184,12 @@ def _priority(cell: Cell) -> tuple:
     return (0, 0) if cell.kind == "import" else (1, 0)
 
 
-def _existing_checkpoints(spec: StudySpec) -> tuple[list[SeriesCheckpoint] | None, PreTrainedTokenizerBase | None]:
-    """The `checkpoints` series, each loaded once (hash, duplicates, checks), and their tokenizer."""
-    if spec.checkpoints is None:
-        return None, None
-    try:
-        series = series_from_sources(**spec.checkpoints.sources())
-        unknown = [c.label for c in series if c.tokens is None]
-        if unknown:
-            raise CheckpointError(f"{unknown[0]}: pre-training tokens unknown (neither its name nor a manifest "
-                                  "tells); give them in checkpoints.tokens")
-    except CheckpointError as err:
-        raise SpecError(f"checkpoints: {err}") from None
-    lengths = {"checkpoints.seq_len": spec.checkpoints.seq_len,
-               "finetune.seq_len": spec.finetune.seq_len if spec.finetune else 0}
-    longest = max(lengths, key=lengths.get)
-    return series, inspect_series(series, lengths[longest], longest)
-
-
-def cell_key(cell: Cell, corpus_id: str, checkpoint_dir: Path) -> str:
-    inputs = {
-        "kind": cell.kind,
-        "config": cell.config,
-        "corpus": corpus_id,
-        "reads": read_manifest(checkpoint_dir / cell.reads)["weights_sha256"] if cell.reads else None,
-        "versions": {"overtrain": __version__, "torch": torch.__version__.split("+")[0],
-                     "transformers": transformers.__version__},
-    }
-    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:24]
-
-
-def _documents(spec: StudySpec) -> tuple[list[str], list[str]]:
-    data = spec.data
-    documents = default_documents() if data.corpus == "default" else load_documents(data.corpus, data.text_field)
-    train, heldout = split_documents(documents, data.heldout_fraction, spec.seed)
-    if data.max_documents:
-        train = train[: data.max_documents]
-    if data.code_fraction:
-        train = mix_in_code(train, data.code_fraction, spec.seed)
-    return train, heldout
-
-
-def _shared_copy(corpus: PreparedCorpus, run_dir: Path) -> Path:
+def _shared_copy(corpus: PreparedCorpus, folder: RunFolder) -> Path:
     """The prepared corpus copied into the run folder, for workers on other machines."""
-    target = run_dir / "corpus" / corpus.folder.name
+    target = folder.corpus(corpus.folder.name)
     if not target.exists():
         tmp = target.with_name(f".{target.name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(corpus.folder, tmp)
         tmp.rename(target)
     return target
-
-
-def study_status(run_dir: str | Path):
-    """The current plan, one row per cell with its status; `interrupted` for a cell whose run died."""
-    store = _open_store(run_dir)
-    try:
-        cells = store.plan_status()
-    finally:
-        store.close()
-    if not is_running(Path(run_dir)):
-        cells.loc[cells["status"] == "running", "status"] = "interrupted"
-    return cells
-
-
-def export_tables(run_dir: Path, store: Store) -> None:
-    """The tidy results of the current plan as CSV (and Parquet) beside the store."""
-    frame = load_results(run_dir, store=store)
-    frame.to_csv(run_dir / "results.csv", index=False)
-    frame.to_parquet(run_dir / "results.parquet", index=False)
-
-
-def load_results(run_dir: str | Path, store: Store | None = None):
-    """Tidy results (one row per cell and metric) of the run's current plan, as a DataFrame."""
-    own = store is None
-    store = store or _open_store(run_dir)
-    try:
-        return store.results(store.plan_keys())
-    finally:
-        if own:
-            store.close()
-
-
-def _open_store(run_dir: str | Path) -> Store:
-    path = Path(run_dir) / STORE_FILE
-    if not path.exists():
-        raise FileNotFoundError(f"{run_dir}: no {STORE_FILE} (not a run folder)")
-    return Store(path)

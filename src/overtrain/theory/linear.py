@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from overtrain.errors import SpecError
+
 
 @dataclass(frozen=True)
 class TheoryConfig:
@@ -115,7 +117,7 @@ def _is_number(value) -> bool:
 
 def _require(condition: bool, name: str, problem: str) -> None:
     if not condition:
-        raise ValueError(f"theory.{name}: {problem}")
+        raise SpecError(f"theory.{name}: {problem}")
 
 
 def config_from_dict(section: dict | None) -> TheoryConfig:
@@ -125,12 +127,12 @@ def config_from_dict(section: dict | None) -> TheoryConfig:
     naming the key.
     """
     if section is not None and not isinstance(section, dict):
-        raise ValueError(f"theory: must be a mapping of keys to values, got {type(section).__name__}")
+        raise SpecError(f"theory: must be a mapping of keys to values, got {type(section).__name__}")
     section = dict(section or {})
     known = {f.name for f in dataclasses.fields(TheoryConfig)}
     for key in section:
         if key not in known:
-            raise ValueError(f"theory.{key}: unknown key (known: {', '.join(sorted(known))})")
+            raise SpecError(f"theory.{key}: unknown key (known: {', '.join(sorted(known))})")
     values = {key: tuple(value) if isinstance(value, list) else value for key, value in section.items()}
     return TheoryConfig(**values)
 
@@ -209,7 +211,7 @@ def pretrain(config: TheoryConfig, targets: Targets, rng: np.random.Generator) -
             W2s.append(W2)
     W1s, W2s = np.stack(W1s), np.stack(W2s)
     if not np.all(np.isfinite(W1s)):
-        raise ValueError("theory.pretrain_lr: pre-training diverged; use a smaller learning rate")
+        raise SpecError("theory.pretrain_lr: pre-training diverged; use a smaller learning rate")
     return times, W1s, W2s
 
 
@@ -294,22 +296,6 @@ class TheoryResult:
         table["interior"] = (table["time"] > times.min()) & (table["time"] < times.max())
         return table
 
-    def summary(self) -> str:
-        """Markdown: where each U-curve bottoms out, and what fine-tuning costs per (lr, lam)."""
-        points = self.inflection_points()
-        perturbation = points[points["probe"] == "perturbation"][["gamma", "time", "loss", "interior"]]
-        finetune = points[points["probe"] == "finetune"][["lr", "lam", "time", "loss", "finetune_loss", "interior"]]
-        cost = (self.finetune.sort_values("time").groupby(["lr", "lam"], as_index=False)["finetune_loss_after"]
-                .agg(finetune_loss_mean="mean", finetune_loss_last="last"))
-        return "\n".join([
-            "Perturbed pre-training loss: minimum per gamma (time = pre-training steps)", "",
-            perturbation.to_markdown(index=False, floatfmt=".4g"), "",
-            "Pre-training loss after fine-tuning: minimum per (lr, lam); finetune_loss at that checkpoint", "",
-            finetune.to_markdown(index=False, floatfmt=".4g"), "",
-            "Fine-tuning loss: mean over checkpoints and at the last checkpoint", "",
-            cost.to_markdown(index=False, floatfmt=".4g"),
-        ])
-
 
 def simulate(config: TheoryConfig | None = None) -> TheoryResult:
     """Pre-train, checkpoint, perturb and fine-tune; see the module docstring."""
@@ -355,7 +341,7 @@ def _finetune_table(config, times, W1s, W2s, targets) -> pd.DataFrame:
         for lam in config.lams:
             W1, W2 = finetune(W1s, W2s, targets.B, lr, config.finetune_steps, lam)
             if not np.all(np.isfinite(W1)):
-                raise ValueError(f"theory.finetune_lrs: fine-tuning at lr={lr} diverged; use smaller learning rates")
+                raise SpecError(f"theory.finetune_lrs: fine-tuning at lr={lr} diverged; use smaller learning rates")
             frames.append(pd.DataFrame({"time": times, "lr": lr, "lam": lam,
                                         "pretrain_loss_after": loss(W1, W2, targets.A),
                                         "finetune_loss_after": loss(W1, W2, targets.B)}))

@@ -14,6 +14,8 @@ from contextlib import contextmanager
 
 import torch
 
+from overtrain.errors import SpecError
+
 
 @contextmanager
 def interpolated(model: torch.nn.Module, pretrained: dict[str, torch.Tensor], alpha: float) -> Iterator[None]:
@@ -23,7 +25,7 @@ def interpolated(model: torch.nn.Module, pretrained: dict[str, torch.Tensor], al
     weights are restored exactly afterwards.
     """
     if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"wise alpha={alpha}: must be in [0, 1]")
+        raise SpecError(f"wise alpha={alpha}: must be in [0, 1]")
     params = dict(model.named_parameters())
     finetuned = {n: p.detach().clone() for n, p in params.items() if n in pretrained}
     try:
@@ -45,7 +47,7 @@ def with_replay(task_batches: Iterator[dict], pretraining_batches: Iterator[dict
     pre-training rows (all of their tokens in the loss), padded or cut to the batch length.
     """
     if not 0.0 <= fraction < 1.0:
-        raise ValueError(f"replay fraction={fraction}: must be in [0, 1)")
+        raise SpecError(f"replay fraction={fraction}: must be in [0, 1)")
     for batch in task_batches:
         n_replay = round(fraction * len(batch["input_ids"]))
         if n_replay == 0:

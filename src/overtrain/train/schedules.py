@@ -13,6 +13,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from overtrain.errors import SpecError
+
 SCHEDULES = ("cosine", "constant", "wsd", "linear")
 
 
@@ -26,7 +28,7 @@ class Schedule:
 
     def __post_init__(self):
         if self.kind not in SCHEDULES:
-            raise ValueError(f"schedule={self.kind!r}: expected one of {', '.join(SCHEDULES)}")
+            raise SpecError(f"schedule={self.kind!r}: expected one of {', '.join(SCHEDULES)}")
 
     def __call__(self, step: int) -> float:
         return self.peak_lr * self.factor(step)

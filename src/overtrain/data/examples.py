@@ -1,0 +1,89 @@
+"""Tasks as token ids: examples tokenized for fine-tuning and bits-per-byte, and batches of them."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from overtrain.data.tasks import Example
+from overtrain.data.tokenizer import token_byte_lengths
+from overtrain.errors import SpecError
+
+
+@dataclass
+class TokenizedTask:
+    """A fine-tuning task ready for training and held-out loss: its examples as token ids."""
+
+    train: list[dict]     # {"input_ids": [...], "labels": [...]} with the prompt masked
+    heldout: list[dict]
+    pad_id: int
+    scored: list[Example]  # held-out examples scored for accuracy
+    name: str
+    docstring_prompts: list[str] = field(default_factory=list)  # held-out function headers (code tasks, probe on)
+
+    def batches(self, batch_size: int, seed: int) -> Iterator[dict[str, torch.Tensor]]:
+        """Endless seeded batches of training examples, reshuffled every epoch."""
+        rng = random.Random(seed)
+        order: list[int] = []
+        while True:
+            if len(order) < batch_size:
+                order += rng.sample(range(len(self.train)), len(self.train))
+            chosen, order = order[:batch_size], order[batch_size:]
+            yield collate([self.train[i] for i in chosen], self.pad_id)
+
+    def heldout_batches(self, batch_size: int) -> list[dict[str, torch.Tensor]]:
+        return [collate(self.heldout[i:i + batch_size], self.pad_id) for i in range(0, len(self.heldout), batch_size)]
+
+
+def tokenize_examples(examples: Iterable[Example], tokenizer: PreTrainedTokenizerBase, max_len: int) -> list[dict]:
+    """Token ids, labels and completion bytes of each example, for fine-tuning and bpb.
+
+    Each example becomes prompt tokens + completion tokens + end-of-text. Labels are
+    -100 over the prompt (no loss there); padding is added later, also with -100.
+    An example longer than `max_len` loses prompt tokens from the left first (the
+    prompt keeps at least half the window, if it is that long), then completion
+    tokens from the right. `completion_bytes` is the UTF-8 size of the completion
+    text plus 1 for end-of-text (as pre-training bpb counts it), so
+    bpb = sum of completion nats / (ln 2 * bytes); for a cut completion it is the
+    bytes of the tokens kept.
+    """
+    if max_len < 2:
+        raise SpecError(f"max_len={max_len}: must be at least 2")
+    examples = list(examples)
+    prompts = tokenizer([e.prompt for e in examples], add_special_tokens=False)["input_ids"]
+    completions = tokenizer([e.completion for e in examples], add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    byte_lengths = None
+    rows = []
+    for example, prompt, completion in zip(examples, prompts, completions):
+        completion = completion + [eos]
+        prompt_room = min(len(prompt), max(max_len - len(completion), max_len // 2))
+        prompt = prompt[len(prompt) - prompt_room:]
+        kept = completion[: max_len - len(prompt)]
+        if len(kept) == len(completion):
+            n_bytes = len(example.completion.encode()) + 1
+        else:
+            byte_lengths = token_byte_lengths(tokenizer) if byte_lengths is None else byte_lengths
+            n_bytes = int(byte_lengths[kept].sum())
+        rows.append({"input_ids": prompt + kept, "labels": [-100] * len(prompt) + kept, "completion_bytes": n_bytes})
+    return rows
+
+
+def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example; padding is masked out of the loss.
+
+    No attention mask is needed: with causal attention and padding at the end, no
+    real token ever attends to a pad.
+    """
+    length = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), length), -100, dtype=torch.long)
+    for row, example in enumerate(examples):
+        n = len(example["input_ids"])
+        ids[row, :n] = torch.as_tensor(example["input_ids"])
+        labels[row, :n] = torch.as_tensor(example["labels"])
+    return {"input_ids": ids, "labels": labels}

@@ -1,0 +1,125 @@
+"""The probe battery: a model in, tidy result rows out.
+
+Each function measures one family and returns rows {metric, value[, gamma, seed]}
+(or, for the measures taken along a fine-tuning run, a dict metric -> value) whose
+metric names are declared in probes/metrics.py. A study's cells, `overtrain probe`
+and `overtrain audit` all measure through here, so the three write the same metrics
+the same way; the context columns (checkpoint, lr, step, ...) are the caller's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from functools import partial
+
+import numpy as np
+import torch
+
+from overtrain.data.benchmarks import load_benchmark
+from overtrain.data.examples import TokenizedTask
+from overtrain.models.build import init_stds
+from overtrain.probes.curvature import forgetting_prediction
+from overtrain.probes.drift import parameter_drift
+from overtrain.probes.hessian import hessian_eigenvalues, hessian_trace
+from overtrain.probes.loss import heldout_metrics
+from overtrain.probes.objective import Batch, Objective, causal_lm_objective
+from overtrain.probes.perturb import gaussian_sensitivity
+from overtrain.probes.residue import docstring_rate
+from overtrain.probes.scoring import evaluate_mc, task_accuracy
+from overtrain.probes.sharpness import critical_sharpness, kl_sharpness
+
+# -- a checkpoint --------------------------------------------------------------------
+
+
+def probe_rows(model: torch.nn.Module, text: Sequence[Batch], byte_lengths: np.ndarray, sensitivity: dict | None,
+               sharpness: dict | None, sharpness_text: Sequence[Batch] = ()) -> list[dict]:
+    """What a study measures of every checkpoint: held-out loss and bpb on `text`, Gaussian
+    sensitivity (`sensitivity`: the study's `sensitivity:` keys) and sharpness on
+    `sharpness_text` (`sharpness`: its `sharpness:` keys); None skips either."""
+    rows = heldout_rows(model, text, byte_lengths)
+    if sensitivity:
+        measure = partial(heldout_metrics, batches=text, byte_lengths=byte_lengths)
+        rows += sensitivity_rows(model, sensitivity["gammas"], sensitivity["seeds"], measure)
+    if sharpness:
+        rows += sharpness_rows(model, sharpness_text, sharpness)
+    return rows
+
+
+def heldout_rows(model: torch.nn.Module, text: Sequence[Batch], byte_lengths: np.ndarray) -> list[dict]:
+    """Held-out loss (nats per token), bits per byte and perplexity."""
+    return [{"metric": name, "value": value} for name, value in heldout_metrics(model, text, byte_lengths).items()]
+
+
+def sensitivity_rows(model: torch.nn.Module, gammas: Sequence[float], seeds: Sequence[int],
+                     measure: Callable[[torch.nn.Module], dict[str, float]]) -> list[dict]:
+    """Loss and bpb of the model under Gaussian noise of each size gamma (in init stds) and
+    seed: `perturbed_*`, and `delta_*` = perturbed - unperturbed, one row per (gamma, seed)."""
+    rows = []
+    for entry in gaussian_sensitivity(model, init_stds(model), list(gammas), list(seeds), measure)[1:]:
+        for name in ("loss_nats", "bpb"):
+            where = {"gamma": entry["gamma"], "seed": entry["seed"]}
+            rows += [{**where, "metric": f"perturbed_{name}", "value": entry[name]},
+                     {**where, "metric": f"delta_{name}", "value": entry[f"delta_{name}"]}]
+    return rows
+
+
+def sharpness_rows(model: torch.nn.Module, batches: Sequence[Batch], options: dict) -> list[dict]:
+    """Top Hessian eigenvalues, trace, KL proxy and critical sharpness of the held-out loss
+    (options: the study's `sharpness:` keys)."""
+    objective = causal_lm_objective(model, batches)
+    rows = hessian_rows(objective, options["top_k"], options["tol"])
+    if options["trace_hvps"]:
+        rows += hessian_trace(objective, n_hvps=options["trace_hvps"]).to_rows()
+    rows += kl_rows(model, batches, options["kl_gamma"], options["kl_seeds"])
+    return rows + [{"metric": "critical_sharpness", "value": critical_sharpness(objective).sharpness}]
+
+
+def hessian_rows(objective: Objective, top_k: int = 1, tol: float = 1e-3) -> list[dict]:
+    """The top Hessian eigenvalue, its residual and HVPs, and eigenvalues 2..top_k."""
+    return hessian_eigenvalues(objective, k=top_k, tol=tol).to_rows()
+
+
+def kl_rows(model: torch.nn.Module, batches: Sequence[Batch], gamma: float, seeds: Sequence[int]) -> list[dict]:
+    """The KL sharpness proxy at noise `gamma` (init stds), mean and standard error over `seeds`."""
+    kl = kl_sharpness(model, batches, gamma, seeds, stds=init_stds(model))
+    return [{"metric": "kl_sharpness", "gamma": kl.gamma, "value": kl.mean},
+            {"metric": "kl_sharpness_se", "gamma": kl.gamma, "value": kl.standard_error}]
+
+
+# -- a fine-tuning run ---------------------------------------------------------------
+
+
+def finetune_metrics(model: torch.nn.Module, task_batches: Sequence[Batch], text: Sequence[Batch],
+                     byte_lengths: np.ndarray) -> dict[str, float]:
+    """What a fine-tuning run is followed by: loss and bpb on the task's held-out examples
+    (`id_`) and on the held-out pre-training text (`ood_`)."""
+    task_metrics = heldout_metrics(model, task_batches, byte_lengths)
+    text_metrics = heldout_metrics(model, text, byte_lengths)
+    return {"id_loss_nats": task_metrics["loss_nats"], "id_bpb": task_metrics["bpb"],
+            "ood_loss_nats": text_metrics["loss_nats"], "ood_bpb": text_metrics["bpb"]}
+
+
+def capability_metrics(model: torch.nn.Module, tokenizer, task: TokenizedTask, benchmarks: Sequence[str],
+                       benchmark_limit: int | None, seed: int) -> dict[str, float]:
+    """The slower measures, taken before and after fine-tuning: task accuracy where it means
+    something, the docstring rate where the task has prompts for it, benchmark accuracies."""
+    scores = task_accuracy(model, tokenizer, task)
+    if task.docstring_prompts:
+        scores["docstring_rate"] = docstring_rate(model, tokenizer, task.docstring_prompts, seed)
+    for name in benchmarks:
+        result = evaluate_mc(model, tokenizer, load_benchmark(name), limit=benchmark_limit)
+        scores |= {f"bench_{name}_acc": result["acc"], f"bench_{name}_acc_norm": result["acc_norm"]}
+    return scores
+
+
+def update_rows(base: torch.nn.Module, finetuned: torch.nn.Module, batches: Sequence[Batch]) -> list[dict]:
+    """Forgetting predicted by the curvature along the fine-tuning update, beside the observed one, and drift."""
+    prediction = forgetting_prediction(base, finetuned, batches)
+    along = prediction.along_update
+    drift = parameter_drift(base, finetuned)
+    return [{"metric": "curvature_along_u", "value": along.curvature},
+            {"metric": "predicted_forgetting_nats", "value": along.second_order_nats},
+            {"metric": "first_order_term_nats", "value": along.first_order_nats},
+            {"metric": "observed_forgetting_nats", "value": prediction.observed_forgetting_nats},
+            {"metric": "param_drift_l2", "value": drift.distance},
+            {"metric": "param_drift_relative", "value": drift.relative}]
