@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from overtrain.errors import SpecError
-from overtrain.spec import StudySpec, load_spec, parse_spec, reference_markdown
+from overtrain.spec import StudySpec, key_reference, load_spec, parse_spec
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -146,7 +146,16 @@ def probe(model: str, revision: str | None = None, base: str | None = None, toke
 
 def keys() -> str:
     """The reference of every study-file key, as Markdown (the text of docs/STUDY.md)."""
-    return reference_markdown()
+    import pandas as pd
+
+    from overtrain.analysis.page import Section, Table, to_markdown
+
+    sections = [Section(f"`{group.key}`" if group.key else "Top level", paragraphs=[group.description] if group.description else [],
+                        text_tables=[Table("", pd.DataFrame(group.rows, columns=["key", "type", "default", "meaning"]))])
+                for group in key_reference()]
+    intro = ("Generated from `overtrain/spec.py` by `overtrain keys`; every key below is all there is: "
+             "an unknown key is an error.")
+    return to_markdown("Study file reference", [], sections, intro=[intro]).rstrip("\n")
 
 
 def save_traceback(error: BaseException, run_dir: str | Path | None = None) -> Path:

@@ -338,30 +338,34 @@ def _check_files(spec: StudySpec, source: str) -> None:
             raise SpecError(f"{source}: finetune.tasks: file not found: {task}")
 
 
-def reference_markdown() -> str:
-    """docs/STUDY.md: every key of a study file, its type, default and meaning."""
-    lines = ["# Study file reference", "",
-             "Generated from `overtrain/spec.py` by `overtrain keys`; every key below is all there is: "
-             "an unknown key is an error.", ""]
+@dataclass(frozen=True)
+class KeyGroup:
+    """One section of a study file in the key reference: its keys as (key, type, default, meaning) rows."""
+    key: str            # "" for the top level
+    description: str
+    rows: list[tuple[str, str, str, str]]
 
-    def walk(model: type[BaseModel], prefix: str) -> None:
+
+def key_reference() -> list[KeyGroup]:
+    """Every key of a study file, its type, default and meaning, section by section (docs/STUDY.md)."""
+    groups: list[KeyGroup] = []
+
+    def walk(model: type[BaseModel], prefix: str, description: str) -> None:
         rows, nested = [], []
         for name, info in model.model_fields.items():
             inner = _section_type(info.annotation)
             if inner is not None:
-                nested.append((f"{prefix}{name}", inner, info))
+                optional = not info.is_required() and info.default_factory is not None and "None" in str(info.annotation)
+                nested.append((f"{prefix}{name}", inner, (info.description or "") + (" May be `null` to skip." if optional else "")))
                 continue
             default = "required" if info.is_required() else f"`{info.get_default(call_default_factory=True)!r}`"
-            rows.append(f"| `{prefix}{name}` | {_type_name(info.annotation)} | {default} | {info.description or ''} |")
-        if rows:
-            lines.extend(["| key | type | default | meaning |", "|---|---|---|---|", *rows, ""])
-        for key, inner, info in nested:
-            optional = " (may be `null` to skip)" if not info.is_required() and info.default_factory and "None" in str(info.annotation) else ""
-            lines.extend([f"## `{key}`{optional}", "", info.description or "", ""])
-            walk(inner, f"{key}.")
+            rows.append((f"`{prefix}{name}`", _type_name(info.annotation), default, info.description or ""))
+        groups.append(KeyGroup(prefix.rstrip("."), description, rows))
+        for key, inner, text in nested:
+            walk(inner, f"{key}.", text)
 
-    walk(StudySpec, "")
-    return "\n".join(lines)
+    walk(StudySpec, "", "")
+    return groups
 
 
 def _section_type(annotation) -> type[BaseModel] | None:

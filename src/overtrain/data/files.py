@@ -24,7 +24,7 @@ def load_documents(source: str, text_field: str = "text") -> list[str]:
     - `.jsonl`: one JSON object per line, the document in `text_field`;
     - `.parquet`: the column `text_field`;
     - a folder written by `datasets.save_to_disk` (a DatasetDict uses its "train" split);
-    - anything else that is not a local path: a hub dataset, "NAME" or "NAME:SPLIT"
+    - anything else that is not a local path: a hub dataset, "hf:NAME" or "hf:NAME:SPLIT"
       (split "train" by default), loaded with `datasets.load_dataset`.
     """
     path = Path(source).expanduser()
@@ -126,7 +126,7 @@ def _read_hub_dataset(source: str, text_field: str) -> list[str]:
         import datasets
     except ImportError:
         raise DataError(f"{source}: no such file or folder (to load it as a hub dataset, `pip install datasets`)") from None
-    name, _, split = source.partition(":")
+    name, _, split = source.removeprefix("hf:").partition(":")
     try:
         dataset = datasets.load_dataset(name, split=split or "train")
     except Exception as err:  # the hub client raises many types; all mean "could not load"
