@@ -20,10 +20,10 @@ import argparse
 import importlib
 import statistics
 import time
+from pydoc_data.topics import topics
 
 import torch
 import torch.nn.functional as F
-from pydoc_data.topics import topics
 
 from overtrain.data.corpus import prepare_corpus
 from overtrain.models.build import build_model, parameter_count

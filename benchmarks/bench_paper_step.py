@@ -25,14 +25,15 @@ import time
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars of the loops would interleave with the table
 
-import torch
 from pydoc_data.topics import topics
+
+import torch
 
 from overtrain.data.corpus import prepare_corpus
 from overtrain.models.build import build_model, parameter_count
 from overtrain.spec import PRESETS
-from overtrain.train.schedules import Schedule
 from overtrain.train.loop import TrainConfig, train
+from overtrain.train.schedules import Schedule
 
 WARMUP_STEPS = 10
 BATCH, SEQ_LEN, LR = 32, 128, 4e-3

@@ -12,17 +12,17 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from pydoc_data.topics import topics
 
 import torch
-from pydoc_data.topics import topics
 from torch.utils.data import Dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from overtrain.data.corpus import prepare_corpus
 from overtrain.models.build import build_model, parameter_count
 from overtrain.spec import PRESETS
-from overtrain.train.schedules import Schedule
 from overtrain.train.loop import TrainConfig, train
+from overtrain.train.schedules import Schedule
 
 
 def matmul_peak_gflops(n: int = 1024, repeats: int = 20) -> float:

@@ -29,11 +29,11 @@ import torch
 from overtrain.data.corpus import default_heldout_batches
 from overtrain.data.tokenizer import token_byte_lengths
 from overtrain.models.build import parameter_count
+from overtrain.models.series import load_series_model, resolve_model
 from overtrain.probes.loss import heldout_metrics
 from overtrain.runtime.memory import GIB, peak_resident_gib, reset_peak_resident
-from overtrain.train.schedules import Schedule
-from overtrain.models.series import load_series_model, resolve_model
 from overtrain.train.loop import TrainConfig, train
+from overtrain.train.schedules import Schedule
 
 BATCH, SEQ_LEN, LR = 4, 256, 1e-4
 

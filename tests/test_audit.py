@@ -13,8 +13,8 @@ from overtrain.audit.words import verdict
 from overtrain.cli import app
 from overtrain.models.series import SeriesCheckpoint
 from overtrain.probes.metrics import check_rows
-from overtrain.train.schedules import Schedule
 from overtrain.train.loop import TrainConfig, train
+from overtrain.train.schedules import Schedule
 
 
 def test_audit_of_a_local_checkpoint(tiny_model, byte_corpus, tmp_path):

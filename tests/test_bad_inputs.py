@@ -13,9 +13,9 @@ import yaml
 from tiny_study import tiny_study
 from typer.testing import CliRunner
 
-from overtrain.models.checkpoints import save_checkpoint
 from overtrain.cli import app
 from overtrain.models.build import build_model
+from overtrain.models.checkpoints import save_checkpoint
 from overtrain.spec import ModelSize, parse_spec
 from overtrain.study.folder import RunFolder
 from overtrain.study.store import study_status

@@ -136,11 +136,11 @@ def test_claims_without_their_data_are_not_tested():
 
 @pytest.mark.timeout(600)
 def test_reproduction_page_of_a_real_tiny_run_has_every_verdict_and_its_figures(tmp_path):
+    from tiny_study import tiny_study
+
     from overtrain.analysis.reproduction import write_reproduction
     from overtrain.spec import load_spec
     from overtrain.study.runner import run_study
-
-    from tiny_study import tiny_study
 
     study = tiny_study(tmp_path, pretrain={"budgets": [1024, 2048, 3072, 4096], "schedules": ["constant", "wsd"]},
                        sensitivity={"gammas": [0.5, 1.0], "seeds": [0, 1]}, finetune={"seeds": [0, 1]})

@@ -10,8 +10,7 @@ from tiny_study import comparable, tiny_study
 from overtrain.spec import parse_spec
 from overtrain.study.folder import RunFolder
 from overtrain.study.runner import run_study
-from overtrain.study.store import load_results, study_status
-from overtrain.study.store import Store
+from overtrain.study.store import Store, load_results, study_status
 
 
 @pytest.fixture(scope="module")

@@ -1,10 +1,10 @@
 """Mitigations inside a real tiny study: every variant runs, is labelled, and is reported apart."""
 
 import pytest
+from tiny_study import tiny_study
 
 import overtrain
 from overtrain.spec import parse_spec
-from tiny_study import tiny_study
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,8 @@
 import torch
 
+from overtrain.train.loop import TrainConfig, train
 from overtrain.train.mitigations import interpolated, with_lora, with_replay
 from overtrain.train.schedules import Schedule
-from overtrain.train.loop import TrainConfig, train
 
 
 def state(model):

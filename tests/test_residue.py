@@ -13,9 +13,8 @@ import yaml
 from overtrain.data.code import code_modules, function_headers, mix_in_code, stdlib_sources, strip_docstrings_and_comments
 from overtrain.data.tasks import load_task
 from overtrain.probes.residue import docstring_prompts, docstring_rate, opens_with_docstring, sample_continuations
-from overtrain.train.schedules import Schedule
 from overtrain.train.loop import TrainConfig, train
-
+from overtrain.train.schedules import Schedule
 
 DOCUMENTABLE = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
 
@@ -104,12 +103,12 @@ def test_the_same_seed_samples_the_same_text(tiny_model, byte_corpus):
 
 @pytest.mark.timeout(600)
 def test_a_study_with_code_in_pretraining_reports_the_docstring_rate_before_and_after(tmp_path):
+    from tiny_study import tiny_study
+
     from overtrain.analysis.report import build_report
     from overtrain.spec import load_spec
     from overtrain.study.runner import run_study
     from overtrain.study.store import load_results
-
-    from tiny_study import tiny_study
 
     study = tiny_study(tmp_path, data={"code_fraction": 0.3}, pretrain={"schedules": ["cosine"]}, sensitivity=None,
                        finetune={"tasks": ["code_nodoc"], "docstring_prompts": 3, "eval_every": 0})

@@ -41,6 +41,7 @@ def test_cells_behind_a_diverged_pretraining_run_are_blocked_by_it(inputs):
 
     cells = study_status(inputs / "run").set_index("label")
     assert cells.loc["pretrain constant", "status"] == "diverged"
+    assert cells.loc["pretrain constant", "note"] == ""  # a note only where there is something to say
     behind = cells.drop("pretrain constant")
     assert len(behind) == 14 and set(behind["status"]) == {"blocked"}
     assert set(behind["note"]) == {"blocked by the diverged cell pretrain constant"}  # the branches' readers too

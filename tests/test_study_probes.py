@@ -3,11 +3,11 @@
 import math
 
 import pytest
+from tiny_study import tiny_study
 
 import overtrain
 from overtrain.probes.metrics import check_rows
 from overtrain.spec import parse_spec
-from tiny_study import tiny_study
 
 
 @pytest.fixture(scope="module")

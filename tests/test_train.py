@@ -4,10 +4,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from overtrain.models.checkpoints import load_checkpoint, read_manifest, save_checkpoint
-from overtrain.runtime.hashing import state_dict_sha256
 from overtrain.probes.loss import heldout_metrics
-from overtrain.train.schedules import Schedule
+from overtrain.runtime.hashing import state_dict_sha256
 from overtrain.train.loop import TrainConfig, train
+from overtrain.train.schedules import Schedule
 
 
 def short_run(model, corpus, lr=3e-3, steps=12, seed=0):

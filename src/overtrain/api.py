@@ -113,8 +113,8 @@ def audit(models: Sequence[str], out: str | Path = "runs/audit", revisions: Sequ
     into `out`; `options` are `AuditConfig` fields (task, lrs, steps, gammas, ...). Returns the page written:
     audit.md for one model, series.md for a series."""
     from overtrain.audit.result import AuditConfig
-    from overtrain.audit.run import audit_series
     from overtrain.audit.run import audit as audit_one
+    from overtrain.audit.run import audit_series
     from overtrain.models.series import resolve_series
 
     config, out = AuditConfig(**options), Path(out)

@@ -32,12 +32,13 @@ import pandas as pd
 
 from overtrain.analysis import curves, tables
 from overtrain.analysis.recommend import id_metric_for
+from overtrain.probes import metrics
 
 RHO_NEEDED = 0.9
 GAMMAS_WITH_U_NEEDED = 2
 RISE_IN_STANDARD_ERRORS = 2.0
 DECAYED_SHARE_NEEDED = 0.8
-SHARPNESS_SIDE_BY_SIDE = {"hessian_top_eig": "top Hessian eigenvalue", "kl_sharpness": "KL sharpness"}
+SHARPNESS_SIDE_BY_SIDE = ("hessian_top_eig", "kl_sharpness")
 
 
 @dataclass
@@ -223,10 +224,10 @@ def _describe_sharpness(table: pd.DataFrame) -> str:
     if table.empty:
         return " Sharpness was not measured."
     parts = []
-    for metric, label in SHARPNESS_SIDE_BY_SIDE.items():
+    for metric in SHARPNESS_SIDE_BY_SIDE:
         if f"{metric} decayed" in table:
             sharper = int((table[f"{metric} decayed"] > table[f"{metric} constant"]).sum())
-            parts.append(f"{label} is higher for the decayed checkpoint at {sharper} of {len(table)} budgets")
+            parts.append(f"{metrics.label(metric)} is higher for the decayed checkpoint at {sharper} of {len(table)} budgets")
     return " Sharpness side by side: " + "; ".join(parts) + "."
 
 

@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from overtrain.analysis import tables
+from overtrain.probes import metrics
 
 DEFAULT_TOLERANCE_BPB = 0.05
 RUNNERS_UP = 3
@@ -56,7 +57,8 @@ def id_metric_for(final: pd.DataFrame) -> tuple[str, bool]:
     """The task metric to optimize and whether higher is better: accuracy where it is informative."""
     accuracy = final.loc[final["metric"] == "id_acc", "value"]
     informative = len(accuracy) and accuracy.max() >= MIN_INFORMATIVE_ACC and accuracy.nunique() > 1
-    return ("id_acc", True) if informative else ("id_bpb", False)
+    name = "id_acc" if informative else "id_bpb"
+    return name, metrics.higher_is_better(name)
 
 
 def run_outcomes(results: pd.DataFrame, task: str) -> tuple[pd.DataFrame, str, bool]:

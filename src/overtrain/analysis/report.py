@@ -15,9 +15,8 @@ chooses what to show and says it in words. docs/REPORT.md explains how to read i
 
 from __future__ import annotations
 
-import re
-
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -28,16 +27,12 @@ from overtrain.analysis import curves, page, plots, tables
 from overtrain.analysis.page import Figure, Section
 from overtrain.analysis.plots import short_tokens
 from overtrain.analysis.recommend import DEFAULT_TOLERANCE_BPB, Recommendation, id_metric_for, recommend
+from overtrain.probes import metrics
 from overtrain.study.folder import ReportFolder, RunFolder
 from overtrain.study.store import load_results
-from overtrain.theory.run import TITLE as THEORY_TITLE, written_summary
+from overtrain.theory.run import TITLE as THEORY_TITLE
+from overtrain.theory.run import written_summary
 
-SHARPNESS_METRICS = {  # probe metric -> axis label
-    "hessian_top_eig": "top Hessian eigenvalue",
-    "hessian_trace": "Hessian trace",
-    "kl_sharpness": "KL sharpness",
-    "critical_sharpness": "critical sharpness",
-}
 RECOMMENDATION_ROWS = 8  # the best, its runners-up and the first excluded choices
 
 
@@ -186,10 +181,10 @@ class Report:
         base = tables.base_metrics(self.results)
         if base.empty:
             return Section("Base model")
-        figure = plots.schedules_figure(base.rename(columns={"bpb": "mean"}), "held-out bits per byte",
+        figure = plots.schedules_figure(base.rename(columns={"bpb": "mean"}), metrics.label("bpb"),
                                         "Base model on held-out pre-training text", self.out / "base_bpb.png")
         changes = [f"{s}: {_first_last(c, 'bpb')}" for s, c in base.groupby("schedule")]
-        caption = "Held-out bpb of each checkpoint before any change (lower is better). " + "; ".join(changes) + "."
+        caption = f"Held-out bpb of each checkpoint before any change ({metrics.direction('bpb')}). " + "; ".join(changes) + "."
         return Section("Base model", figures=[Figure(figure, caption)], tables=[("base_model", base)])
 
     # -- progressive sensitivity ----------------------------------------------------------
@@ -231,7 +226,7 @@ class Report:
         ood_table, id_table = tables.mean_with_ci(ood, by), tables.mean_with_ci(task_metric, by)
         t_pre = curves.inflections(ood, ["schedule", "lr"], n_boot=self.n_boot, seed=self.seed)
         t_ft = curves.inflections(task_metric, ["schedule", "lr"], higher_is_better, self.n_boot, self.seed)
-        id_label = _id_label(id_metric)
+        id_label = metrics.label(id_metric)
         ood_png = plots.panels_figure(ood_table, "lr", "LR", "pre-training text bpb after fine-tuning",
                                       f"Forgetting on {task}: pre-training text after fine-tuning at a fixed LR",
                                       self.out / f"fixed_lr_ood_{file_stem(task)}.png", t_pre)
@@ -242,7 +237,7 @@ class Report:
             f"Fine-tuning on {task} at a fixed LR",
             ["Every checkpoint fine-tuned with the same hyper-parameters; values at the end of fine-tuning, "
              "bands are 95% intervals over fine-tuning seeds."],
-            [Figure(ood_png, "Pre-training-text bpb after fine-tuning (lower is better). T_pre: "
+            [Figure(ood_png, f"Pre-training-text bpb after fine-tuning ({metrics.direction('ood_bpb')}). T_pre: "
                     + describe_inflections(t_pre, "lr", "LR") + "."),
              Figure(id_png, f"{id_label.capitalize()} after fine-tuning. T_ft (the budget after which task performance "
                     "after fine-tuning gets worse): " + describe_inflections(t_ft, "lr", "LR") + ".")],
@@ -263,7 +258,7 @@ class Report:
         trends = pd.DataFrame([{"schedule": s, **curves.lr_trend(rows).__dict__} for s, rows in tuned.groupby("schedule")])
         grid = sorted(tables.finetune_final(self.results)["lr"].dropna().unique())
         figures = [
-            Figure(plots.tuned_figure(id_table, ood_table, f"{_id_label(id_metric)} after fine-tuning", found,
+            Figure(plots.tuned_figure(id_table, ood_table, f"{metrics.label(id_metric)} after fine-tuning", found,
                                       f"{task} at the tuned LR (best task result per checkpoint)",
                                       self.out / f"tuned_lr_{file_stem(task)}.png"),
                    f"At each checkpoint's ID-optimal LR. T_ft: {describe_inflections(found['id'])}. "
@@ -323,7 +318,7 @@ class Report:
             png = plots.schedules_figure(table, f"{name} accuracy", f"{name} after fine-tuning on {task} (tuned LR)",
                                          self.out / f"{metric}_{file_stem(task)}.png")
             changes = "; ".join(f"{s}: {_first_last(c, 'mean')}" for s, c in table.groupby("schedule"))
-            figures.append(Figure(png, f"Benchmark {name} (higher is better) at the tuned LR. {changes}."))
+            figures.append(Figure(png, f"Benchmark {name} ({metrics.direction(metric)}) at the tuned LR. {changes}."))
             section_tables.append((f"{metric}_{file_stem(task)}", table))
         return figures
 
@@ -362,12 +357,12 @@ class Report:
 
     def sharpness(self) -> Section:
         section = Section("Sharpness")
-        for metric in tables.probe_metrics_present(self.results, list(SHARPNESS_METRICS)):
+        for metric in tables.probe_metrics_present(self.results, list(metrics.SHARPNESS)):
             points = tables.probe_points(self.results, metric)
             has_gamma = points["gamma"].notna().any()
             by = ["schedule", "decayed", *(["gamma"] if has_gamma else []), "tokens"]
             table = tables.mean_with_ci(points, by)
-            label, path = SHARPNESS_METRICS[metric], self.out / f"sharpness_{metric}.png"
+            label, path = metrics.label(metric), self.out / f"sharpness_{metric}.png"
             png = plots.panels_figure(table, "gamma", "gamma", label, label, path) if has_gamma \
                 else plots.schedules_figure(table, label, f"{label} of the pre-trained model", path)
             trends = curves.rank_trends(points, ["schedule", *(["gamma"] if has_gamma else [])], self.n_boot, self.seed)
@@ -441,7 +436,7 @@ class Report:
             if not tuned_rows:
                 continue
             trade_off, inflections = pd.concat(tuned_rows), pd.concat(found)
-            png = plots.trade_off_figure(trade_off, _id_label(id_metric), f"Mitigations on {task}: task result vs forgetting",
+            png = plots.trade_off_figure(trade_off, metrics.label(id_metric), f"Mitigations on {task}: task result vs forgetting",
                                          self.out / f"mitigations_{file_stem(task)}.png")
             moved = "; ".join(f"{'plain fine-tuning' if r.mitigation == 'none' else r.mitigation} ({r.schedule}): "
                               + (f"{short_tokens(r.tokens)} [{short_tokens(r.ci_low)}, {short_tokens(r.ci_high)}]" if r.found else "no inflection within the budgets")
@@ -524,10 +519,6 @@ def _first_last(curve: pd.DataFrame, column: str) -> str:
     first, last = curve.iloc[0], curve.iloc[-1]
     return (f"{first[column]:.3f} at {short_tokens(first['tokens'])} to {last[column]:.3f} "
             f"at {short_tokens(last['tokens'])} tokens")
-
-
-def _id_label(metric: str) -> str:
-    return "task accuracy" if metric == "id_acc" else "task held-out bpb"
 
 
 def file_stem(task: str) -> str:

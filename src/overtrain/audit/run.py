@@ -35,8 +35,7 @@ from overtrain.models.series import SeriesCheckpoint, hash_and_flag_duplicates, 
 from overtrain.probes.loss import heldout_metrics
 from overtrain.probes.metrics import check_rows
 from overtrain.probes.objective import causal_lm_objective
-from overtrain.probes.suite import (capability_metrics, finetune_metrics, hessian_rows, heldout_rows, kl_rows,
-                                    sensitivity_rows)
+from overtrain.probes.suite import capability_metrics, finetune_metrics, heldout_rows, hessian_rows, kl_rows, sensitivity_rows
 from overtrain.runtime.device import pick_device
 from overtrain.runtime.hashing import weights_sha256
 from overtrain.runtime.memory import peak_gpu_gib

@@ -9,6 +9,7 @@ import pandas as pd
 from overtrain.analysis.page import Section, Table, to_markdown
 from overtrain.audit.result import AuditResult
 from overtrain.models.series import SeriesCheckpoint
+from overtrain.probes import metrics
 
 
 def sweep(frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.Series]:
@@ -105,12 +106,12 @@ def _figures(result: AuditResult) -> pd.Series:
     frame, checkpoint = result.frame(), result.checkpoint
     table, forgetting = sweep(frame)
     figures = {"tokens": checkpoint.tokens, "weights sha256": checkpoint.weights_sha256[:16],
-               "held-out bpb": _probe_value(frame, "bpb")}
+               metrics.label("bpb"): _probe_value(frame, "bpb")}
     for gamma, rise in _noise_rises(frame).items():
         figures[f"bpb rise, noise {gamma:g} x init std"] = rise
-    for metric, name in (("kl_sharpness", "KL sharpness"), ("hessian_top_eig", "top Hessian eigenvalue")):
+    for metric in ("kl_sharpness", "hessian_top_eig"):
         if (value := _probe_value(frame, metric)) is not None:
-            figures[name] = value
+            figures[metrics.label(metric)] = value
     benchmarks = [column for column in table.columns if column.startswith("bench_") and column.endswith("_acc")]
     for lr in table.index:
         when = "before fine-tuning" if lr == 0 else f"after LR {lr:g}"

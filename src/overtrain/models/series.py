@@ -20,9 +20,9 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from overtrain.models.build import parameter_count
 from overtrain.models.checkpoints import MANIFEST, CheckpointError, check_checkpoint_folder
 from overtrain.runtime.hashing import weights_sha256
-from overtrain.models.build import parameter_count
 
 PYTHIA_TOKENS_PER_STEP = 1024 * 2048
 _OLMO = re.compile(r"(?:^|[-_/])step(?P<step>\d+)-tokens(?P<amount>\d+(?:\.\d+)?)(?P<unit>[MBT])(?:$|[-_/])")

@@ -76,6 +76,9 @@ _DECLARED = [
 ]
 METRICS: dict[str, Metric] = {m.name: m for m in _DECLARED}
 
+# The sharpness measures of a checkpoint, in the order reports show them.
+SHARPNESS = ("hessian_top_eig", "hessian_trace", "kl_sharpness", "critical_sharpness")
+
 NOISED = ("loss_nats", "bpb", "ppl")  # what Gaussian sensitivity measures under noise
 
 
@@ -129,6 +132,12 @@ def unit(name: str) -> str:
 
 def higher_is_better(name: str) -> bool | None:
     return metric(name).higher_is_better
+
+
+def direction(name: str) -> str:
+    """"higher is better", "lower is better", or "" for a metric with no better direction."""
+    better = higher_is_better(name)
+    return "" if better is None else "higher is better" if better else "lower is better"
 
 
 def check_rows(rows: Iterable[Mapping]) -> None:

@@ -14,22 +14,22 @@ from pathlib import Path
 
 import torch
 
-from overtrain.errors import CheckpointError
-from overtrain.models.checkpoints import load_checkpoint, load_optimizer_state, read_manifest, save_checkpoint
 from overtrain.data.corpus import PreparedCorpus
 from overtrain.data.examples import TokenizedTask, tokenize_examples
 from overtrain.data.tasks import load_task
-from overtrain.runtime.hashing import weights_sha256
-from overtrain.train.mitigations import interpolated, with_lora, with_replay
+from overtrain.errors import CheckpointError
 from overtrain.models.build import build_model, parameter_count
+from overtrain.models.checkpoints import MANIFEST, load_checkpoint, load_optimizer_state, read_manifest, save_checkpoint
+from overtrain.models.series import SeriesCheckpoint, load_series_model
 from overtrain.probes.residue import docstring_prompts
 from overtrain.probes.suite import capability_metrics, finetune_metrics, probe_rows, update_rows
-from overtrain.train.schedules import Schedule
-from overtrain.models.series import SeriesCheckpoint, load_series_model
+from overtrain.runtime.hashing import weights_sha256
 from overtrain.spec import ModelSize
 from overtrain.study.folder import RunFolder
 from overtrain.study.plan import SERIES, Cell
 from overtrain.train.loop import TrainConfig, make_optimizer, train
+from overtrain.train.mitigations import interpolated, with_lora, with_replay
+from overtrain.train.schedules import Schedule
 
 
 @dataclass
@@ -45,15 +45,11 @@ class StudyContext:
     tokenized tasks) is cached here, keyed by the values it is made from.
     """
 
-    run_dir: Path
+    folder: RunFolder
     corpus: PreparedCorpus
     device: torch.device
     _heldout: dict = field(default_factory=dict)
     _tasks: dict = field(default_factory=dict)
-
-    @property
-    def checkpoint_dir(self) -> Path:
-        return RunFolder(self.run_dir).checkpoints
 
     def heldout_batches(self, cfg: dict, tokens: int | None = None) -> list[dict[str, torch.Tensor]]:
         """Held-out pre-training text cut as the cell's config says: `eval.heldout_tokens` of it, or
@@ -107,7 +103,7 @@ def run_pretrain(cell: Cell, key: str, ctx: StudyContext) -> list[dict]:
         ref = save_steps.get(steps_done)
         if ref is None:
             return
-        save_checkpoint(model, tokenizer, ctx.checkpoint_dir / ref.name, {
+        save_checkpoint(model, tokenizer, ctx.folder.checkpoint(ref.name), {
             "cell": key, "schedule": ref.schedule, "decayed": ref.decayed, "tokens": steps_done * per_step,
             "step": steps_done, "lr_at_save": lr, "peak_lr": cfg["peak_lr"], "parameters": parameter_count(model),
         }, optimizer=optimizer)
@@ -134,11 +130,11 @@ def _pretrain_schedule(cfg: dict, total_steps: int, warmup: int) -> Schedule:
 def _resume_point(cell: Cell, key: str, ctx: StudyContext, model, optimizer, per_step: int) -> int:
     """Step to start from: a wsd branch leaves its stable checkpoint; any run continues
     from its own latest checkpoint written by this same cell (same key)."""
-    own = [ctx.checkpoint_dir / ref.name for ref in cell.writes]
-    finished = [f for f in own if (f / "overtrain.json").exists() and read_manifest(f).get("cell") == key]
+    own = [ctx.folder.checkpoint(ref.name) for ref in cell.writes]
+    finished = [f for f in own if (f / MANIFEST).exists() and read_manifest(f).get("cell") == key]
     source = max(finished, key=lambda f: read_manifest(f)["step"], default=None)
     if source is None and cell.reads:
-        source = ctx.checkpoint_dir / cell.reads
+        source = ctx.folder.checkpoint(cell.reads)
     if source is None:
         return 0
     loaded, _ = load_checkpoint(source)
@@ -159,7 +155,7 @@ def run_import(cell: Cell, key: str, ctx: StudyContext) -> list[dict]:
         model, tokenizer = load_series_model(source)
         if weights_sha256(model) != cfg["weights_sha256"]:  # the files changed after the study was planned
             raise CheckpointError(f"{cfg['source']}: its weights changed while the study ran; run it again")
-        save_checkpoint(model, tokenizer, ctx.checkpoint_dir / cfg["checkpoint"], {
+        save_checkpoint(model, tokenizer, ctx.folder.checkpoint(cfg["checkpoint"]), {
             "cell": key, "schedule": SERIES, "decayed": False, "tokens": cfg["tokens"], "source": cfg["source"],
             "parameters": cfg["parameters"]})
     return [{"checkpoint": cfg["checkpoint"], "schedule": SERIES, "decayed": 0, "tokens": cfg["tokens"],
@@ -171,7 +167,7 @@ def run_import(cell: Cell, key: str, ctx: StudyContext) -> list[dict]:
 
 def run_probe(cell: Cell, key: str, ctx: StudyContext) -> list[dict]:
     cfg = cell.config
-    folder = ctx.checkpoint_dir / cfg["checkpoint"]
+    folder = ctx.folder.checkpoint(cfg["checkpoint"])
     model, _ = load_checkpoint(folder, device=ctx.device)
     sharpness_text = ctx.heldout_batches(cfg, cfg["sharpness"]["tokens"]) if cfg["sharpness"] else []
     rows = probe_rows(model, ctx.heldout_batches(cfg), ctx.corpus.byte_lengths, cfg["sensitivity"], cfg["sharpness"],
@@ -188,7 +184,7 @@ def checkpoint_columns(cfg: dict, folder: Path) -> dict:
 
 def run_finetune(cell: Cell, key: str, ctx: StudyContext) -> list[dict]:
     cfg = cell.config
-    folder = ctx.checkpoint_dir / cfg["checkpoint"]
+    folder = ctx.folder.checkpoint(cfg["checkpoint"])
     model, tokenizer = load_checkpoint(folder, device=ctx.device)
     mitigation = cfg["mitigation"] or {}
     columns = {**checkpoint_columns(cfg, folder), "task": cfg["task"], "lr": cfg["lr"], "seed": cfg["seed"],

@@ -34,11 +34,11 @@ import torch
 from transformers import AutoTokenizer
 
 from overtrain.data.corpus import PreparedCorpus
-from overtrain.runtime.device import pick_device
 from overtrain.errors import SpecError
 from overtrain.probes.metrics import check_rows
-from overtrain.study.cells import RUNNERS, StudyContext
+from overtrain.runtime.device import pick_device
 from overtrain.runtime.faults import fault_point
+from overtrain.study.cells import RUNNERS, StudyContext
 from overtrain.study.folder import RunFolder
 from overtrain.study.plan import Cell
 
@@ -131,7 +131,7 @@ def _context(job: CellJob) -> StudyContext:
     ident = (str(job.run_dir), str(job.corpus_folder), job.device)
     if ident not in _contexts:
         _contexts.clear()
-        _contexts[ident] = StudyContext(run_dir=Path(job.run_dir), corpus=open_corpus(job.corpus_folder),
+        _contexts[ident] = StudyContext(folder=RunFolder(job.run_dir), corpus=open_corpus(job.corpus_folder),
                                         device=pick_device(job.device))
     return _contexts[ident]
 

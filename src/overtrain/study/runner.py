@@ -24,16 +24,16 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from overtrain.models.checkpoints import MANIFEST, read_manifest
 from overtrain.data.corpus import PreparedCorpus
 from overtrain.errors import StudyStopped
+from overtrain.models.checkpoints import MANIFEST, read_manifest
 from overtrain.spec import StudySpec
-from overtrain.study.prepare import prepare
 from overtrain.study.cells import is_diverged
 from overtrain.study.execute import CellJob, CellOutcome, make_executor
-from overtrain.study.plan import Cell, cell_key
-from overtrain.study.progress import StudyProgress
 from overtrain.study.folder import RunFolder, claimed_run_folder
+from overtrain.study.plan import Cell, cell_key
+from overtrain.study.prepare import prepare
+from overtrain.study.progress import StudyProgress
 from overtrain.study.store import FINISHED, Store, export_tables
 
 POLL_SECONDS = 0.5  # how often to look for checkpoints that running cells have just written

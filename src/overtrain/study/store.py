@@ -104,7 +104,7 @@ class Store:
         is itself blocked); `note` then names that cell ("blocked by the diverged cell <label>").
         """
         cells = pd.read_sql_query(
-            "SELECT p.kind, p.label, p.key, COALESCE(c.status, 'pending') AS status, c.error, NULL AS note, "
+            "SELECT p.kind, p.label, p.key, COALESCE(c.status, 'pending') AS status, c.error, '' AS note, "
             "c.started, c.finished, p.reads_from FROM plan p LEFT JOIN cells c ON c.key = p.key ORDER BY p.position",
             self.db)
         return _mark_blocked(cells).drop(columns="reads_from")
