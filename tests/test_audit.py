@@ -92,6 +92,11 @@ def test_probe_command_on_a_fine_tuned_pair(tiny_model, byte_corpus, tmp_path):
             "predicted_forgetting_nats", "observed_forgetting_nats", "param_drift_l2"} <= metrics
     assert frame.loc[frame["metric"] == "param_drift_l2", "value"].iloc[0] > 0
 
+    same = CliRunner().invoke(app, ["probe", str(tmp_path / "base"), "--base", str(tmp_path / "base"), "--tokens", "256"])
+    assert same.exit_code == 2
+    errors = [line for line in same.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "holds the same weights as" in errors[0] and "Traceback" not in same.output
+
 
 def test_audit_of_a_series_side_by_side_with_a_verdict_each(tiny_model, byte_corpus, tmp_path):
     """Two stages of one run and a re-upload of the second: two audits, the repeat flagged."""

@@ -6,10 +6,12 @@ from __future__ import annotations
 import pandas as pd
 
 from overtrain.data.corpus import default_heldout_batches
+from overtrain.errors import CheckpointError
 from overtrain.models.series import SeriesCheckpoint, load_series_model
 from overtrain.probes.drift import representation_drift
 from overtrain.probes.metrics import check_rows
 from overtrain.probes.suite import sharpness_rows, update_rows
+from overtrain.runtime.hashing import weights_sha256
 
 
 def probe_model(checkpoint: SeriesCheckpoint, options: dict, tokens: int, seq_len: int = 128, batch_size: int = 8,
@@ -21,6 +23,9 @@ def probe_model(checkpoint: SeriesCheckpoint, options: dict, tokens: int, seq_le
     rows = sharpness_rows(model, batches, options)
     if base is not None:
         base_model, _ = load_series_model(base)
+        if weights_sha256(base_model) == weights_sha256(model):
+            raise CheckpointError(f"--base {base.label}: holds the same weights as {checkpoint.label}; "
+                                  "there is no update to measure along")
         rows += update_rows(base_model, model, batches)
         rows += representation_drift(base_model, model, batches).to_rows()
     check_rows(rows)
