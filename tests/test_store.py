@@ -94,4 +94,4 @@ def test_a_store_written_before_the_plan_named_its_makers_still_reads(tmp_path):
         db.execute("ALTER TABLE plan DROP COLUMN reads_from")
     cells = study_status(tmp_path)
     assert cells["status"].tolist() == ["pending", "pending"]
-    assert cells["note"].isna().all()
+    assert (cells["note"] == "").all()
