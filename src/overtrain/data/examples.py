@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from overtrain.data.tasks import Example
+from overtrain.data.tasks import Example, Task
 from overtrain.data.tokenizer import token_byte_lengths
 from overtrain.errors import SpecError
 
@@ -24,6 +24,16 @@ class TokenizedTask:
     scored: list[Example]  # held-out examples scored for accuracy
     name: str
     docstring_prompts: list[str] = field(default_factory=list)  # held-out function headers (code tasks, probe on)
+
+    @classmethod
+    def from_task(cls, task: Task, tokenizer: PreTrainedTokenizerBase, seq_len: int, eval_examples: int,
+                  accuracy_examples: int = 0, docstring_prompts: list[str] | None = None) -> TokenizedTask:
+        """`task` tokenized to windows of `seq_len`: all its training examples, the first `eval_examples`
+        held-out ones for loss, the first `accuracy_examples` of them kept as text for accuracy."""
+        return cls(train=tokenize_examples(task.train, tokenizer, seq_len),
+                   heldout=tokenize_examples(task.heldout[:eval_examples], tokenizer, seq_len),
+                   pad_id=tokenizer.pad_token_id, scored=task.heldout[:accuracy_examples], name=task.name,
+                   docstring_prompts=docstring_prompts or [])
 
     def batches(self, batch_size: int, seed: int) -> Iterator[dict[str, torch.Tensor]]:
         """Endless seeded batches of training examples, reshuffled every epoch."""

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from overtrain.data.corpus import PreparedCorpus
-from overtrain.data.examples import TokenizedTask, tokenize_examples
+from overtrain.data.examples import TokenizedTask
 from overtrain.data.tasks import load_task
 from overtrain.errors import CheckpointError
 from overtrain.models.build import build_model, parameter_count
@@ -71,15 +71,8 @@ class StudyContext:
 def _tokenized_task(name: str, seed: int, seq_len: int, eval_examples: int, accuracy_examples: int,
                     n_docstring_prompts: int, tokenizer) -> TokenizedTask:
     task = load_task(name, seed=seed)
-    return TokenizedTask(
-        train=tokenize_examples(task.train, tokenizer, seq_len),
-        heldout=tokenize_examples(task.heldout[:eval_examples], tokenizer, seq_len),
-        pad_id=tokenizer.pad_token_id,
-        scored=task.heldout[:accuracy_examples],
-        name=task.name,
-        docstring_prompts=docstring_prompts(seed, n_docstring_prompts)
-        if n_docstring_prompts and "heldout_modules" in task.metadata else [],
-    )
+    prompts = docstring_prompts(seed, n_docstring_prompts) if n_docstring_prompts and "heldout_modules" in task.metadata else []
+    return TokenizedTask.from_task(task, tokenizer, seq_len, eval_examples, accuracy_examples, prompts)
 
 
 # -- pre-training -------------------------------------------------------------------

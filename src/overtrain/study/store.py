@@ -137,6 +137,10 @@ class Store:
     def cells(self) -> pd.DataFrame:
         return pd.read_sql_query("SELECT key, kind, label, status, error, started, finished FROM cells", self.db)
 
+    def plan_results(self) -> pd.DataFrame:
+        """Tidy results of the cells of the current plan."""
+        return self.results(self.plan_keys())
+
     def results(self, keys: list[str] | None = None) -> pd.DataFrame:
         frame = pd.read_sql_query(
             "SELECT r.* FROM results r JOIN cells c ON c.key = r.cell WHERE c.status IN ('done', 'diverged')", self.db)
@@ -206,7 +210,7 @@ def load_results(run_dir: str | Path) -> pd.DataFrame:
     """Tidy results (one row per cell and metric) of the run's current plan."""
     store = open_store(run_dir)
     try:
-        return store.results(store.plan_keys())
+        return store.plan_results()
     finally:
         store.close()
 
@@ -226,7 +230,7 @@ def study_status(run_dir: str | Path) -> pd.DataFrame:
 
 def export_tables(folder: RunFolder, store: Store) -> None:
     """The tidy results of the current plan as CSV and Parquet beside the store."""
-    frame = store.results(store.plan_keys())
+    frame = store.plan_results()
     frame.to_csv(folder.results_csv, index=False)
     frame.to_parquet(folder.results_parquet, index=False)
 
