@@ -33,12 +33,15 @@ EVERY_KIND = frozenset({"pretrain", "probe", "finetune"})
 # weights hash are in the import cells' configs (test_series_changes_its_import_cells).
 SERIES = "series"
 
-# key -> (another valid value, kinds of cells whose config it changes, why).
+# key -> (another valid value, kinds of cells whose config it changes (or: in a study of our own checkpoints,
+# in a study of existing ones), why).
 # Keys of the corpus (data.*, tokenizer.*, seed) also change the prepared corpus, whose
 # id is in every key: that is not a config and not checked here.
-EDITS: dict[str, tuple[object, frozenset[str] | str, str]] = {
+EDITS: dict[str, tuple[object, frozenset[str] | tuple[frozenset[str], frozenset[str]] | str, str]] = {
     "name": ("other", NONE, "a label in the report"),
-    "seed": (1, frozenset({"pretrain", "finetune"}), "initialisation, data order, the task split"),
+    # (for a study of existing checkpoints, only the task split: they have no pre-training seed of ours)
+    "seed": (1, (EVERY_KIND, FINETUNE), "initialisation, data order (the pre-training seed is in every checkpoint's "
+                                        "context), the task split"),
     "device": ("auto", NONE, "deliberately not in keys: a study may move between machines"),
     "theory": ({"hidden": 10}, NONE, "not a cell: seconds of NumPy, rerun by every `overtrain run`"),
     "data.corpus": ("other.txt", PRETRAIN, "the text"),
@@ -65,6 +68,7 @@ EDITS: dict[str, tuple[object, frozenset[str] | str, str]] = {
     "pretrain.sam_rho": (0.1, PRETRAIN, "training"),
     "pretrain.sam_last_fraction": (0.25, PRETRAIN, "training"),
     "pretrain.compile": (True, PRETRAIN, "training (up to floating-point noise)"),
+    "pretrain.seeds": ([0, 1], EVERY_KIND, "a second pre-training run: its checkpoints, probes and fine-tunes"),
     "checkpoints.folders": (["b"], SERIES, "which checkpoints"),
     "checkpoints.hub": ("org/model", SERIES, "which checkpoints"),
     "checkpoints.revisions": (["step1"], SERIES, "which checkpoints"),
@@ -199,7 +203,8 @@ def test_an_edited_key_changes_exactly_the_cells_it_affects(key, study_files):
         assert parse_spec(edited(base, key, value)) != parse_spec(base), f"{key}: the edit changes nothing"
         before, after = plan(base), plan(edited(base, key, value))
         present = {cell.kind for cell in before}
-        assert changed_kinds(before, after) == affected & present, f"{key} ({why})"
+        expected = affected if isinstance(affected, frozenset) else affected[base is CHECKPOINTS_STUDY]
+        assert changed_kinds(before, after) == expected & present, f"{key} ({why})"
 
 
 def test_series_changes_its_import_cells(study_files):

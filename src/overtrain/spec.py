@@ -109,6 +109,11 @@ class PretrainSpec(Section):
     grad_clip: Annotated[float, Field(ge=0)] = Field(1.0, description="Gradient-norm clip; 0 turns it off.")
     sam_rho: Annotated[float, Field(ge=0)] = Field(0.0, description="Sharpness-aware minimization radius during pre-training; 0 is plain AdamW.")
     sam_last_fraction: Annotated[float, Field(gt=0, le=1)] = Field(1.0, description="Use SAM only in this last fraction of each run's steps.")
+    seeds: list[int] | None = Field(
+        None, description="Independent pre-training runs of every schedule (initialisation and data order), one per "
+        "seed; everything downstream is measured per seed, and intervals and tests resample these runs first. null: "
+        "one run, with the study's `seed`. The study seed's checkpoints are named `{schedule}-{tokens}`, another seed's "
+        "`{schedule}-{tokens}-seed{S}`, so adding seeds to a study reuses what it has.")
     compile: bool = Field(True, description="torch.compile the model for pre-training (faster for runs longer than a few seconds; falls back to eager if compilation fails).")
 
     @field_validator("budgets")
@@ -122,6 +127,15 @@ class PretrainSpec(Section):
         return budgets
 
     _schedules_not_empty = _not_empty("schedules", instead="list at least one of cosine, constant, wsd")
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, seeds: list[int] | None) -> list[int] | None:
+        if seeds is not None and not seeds:
+            raise ValueError("is empty; give at least one seed, or null for the study's seed")
+        if seeds is not None and len(set(seeds)) != len(seeds):
+            raise ValueError("must list each seed once")
+        return seeds
 
     @field_validator("schedules")
     @classmethod
@@ -197,7 +211,7 @@ class FinetuneSpec(Section):
     weight_decay: Annotated[float, Field(ge=0)] = Field(0.0, description="AdamW weight decay during fine-tuning.")
     seeds: list[int] = Field([0], description="Fine-tuning seeds (data order); intervals are over these.")
     eval_every: Annotated[int, Field(ge=0)] = Field(20, description="Evaluate ID and OOD every k steps (0: only at the end).")
-    eval_examples: PositiveInt = Field(128, description="Held-out task examples used for ID loss and bpb.")
+    eval_examples: PositiveInt = Field(128, description="Held-out task examples for ID loss and bpb, split alternately into a validation part (chooses LR and step) and a test part (reports them).")
     accuracy_examples: Annotated[int, Field(ge=0)] = Field(
         64, description="Held-out examples scored for ID accuracy before and after fine-tuning: choice log-likelihood "
         "for qa/classify, exact match of the final number by greedy generation for math; 0 to skip.")

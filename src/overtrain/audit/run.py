@@ -28,7 +28,7 @@ import torch
 from overtrain.audit.result import AuditConfig, AuditResult, Costs
 from overtrain.audit.words import audit_page, series_page, side_by_side
 from overtrain.data.corpus import default_heldout_batches
-from overtrain.data.examples import TokenizedTask
+from overtrain.data.examples import TEST, VALIDATION, TokenizedTask
 from overtrain.data.tasks import load_task
 from overtrain.data.tokenizer import token_byte_lengths
 from overtrain.models.series import SeriesCheckpoint, hash_and_flag_duplicates, load_series_model
@@ -121,8 +121,8 @@ def _lr_sweep(model, tokenizer, config: AuditConfig, text: list[dict], byte_leng
     """Fine-tune from the same start at each LR: rows at step 0 (measured once) and at each run's last step."""
     data = TokenizedTask.from_task(load_task(config.task, seed=config.seed), tokenizer, config.finetune_seq_len,
                                    config.eval_examples)
-    evaluate = partial(finetune_metrics, task_batches=data.heldout_batches(config.batch_size), text=text,
-                       byte_lengths=byte_lengths)
+    evaluate = partial(finetune_metrics, task_batches=data.heldout_batches(config.batch_size, VALIDATION),
+                       test_batches=data.heldout_batches(config.batch_size, TEST), text=text, byte_lengths=byte_lengths)
     capabilities = partial(capability_metrics, tokenizer=tokenizer, task=data, benchmarks=config.benchmarks,
                            benchmark_limit=config.benchmark_limit, seed=config.seed)
     start = {n: p.detach().clone() for n, p in model.named_parameters()}

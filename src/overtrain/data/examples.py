@@ -14,6 +14,19 @@ from overtrain.data.tokenizer import token_byte_lengths
 from overtrain.errors import SpecError
 
 
+VALIDATION, TEST = "validation", "test"
+
+
+def held_out_part(examples: list, part: str) -> list:
+    """The validation (even positions) or test (odd positions) part of held-out examples.
+
+    Alternate positions rather than halves: the held-out list is already shuffled by the
+    task's seed, and any prefix of it (fewer `eval_examples`) splits the same way."""
+    if part not in (VALIDATION, TEST):
+        raise ValueError(f"part: {part!r} is not {VALIDATION!r} or {TEST!r}")
+    return examples[0::2] if part == VALIDATION else examples[1::2]
+
+
 @dataclass
 class TokenizedTask:
     """A fine-tuning task ready for training and held-out loss: its examples as token ids."""
@@ -29,7 +42,10 @@ class TokenizedTask:
     def from_task(cls, task: Task, tokenizer: PreTrainedTokenizerBase, seq_len: int, eval_examples: int,
                   accuracy_examples: int = 0, docstring_prompts: list[str] | None = None) -> TokenizedTask:
         """`task` tokenized to windows of `seq_len`: all its training examples, the first `eval_examples`
-        held-out ones for loss, the first `accuracy_examples` of them kept as text for accuracy."""
+        held-out ones for loss, the first `accuracy_examples` of them kept as text for accuracy.
+
+        Both held-out sets have two parts (see `part`): a validation part that chooses the
+        learning rate and the step to stop at, and a test part that reports the chosen run."""
         return cls(train=tokenize_examples(task.train, tokenizer, seq_len),
                    heldout=tokenize_examples(task.heldout[:eval_examples], tokenizer, seq_len),
                    pad_id=tokenizer.pad_token_id, scored=task.heldout[:accuracy_examples], name=task.name,
@@ -45,8 +61,12 @@ class TokenizedTask:
             chosen, order = order[:batch_size], order[batch_size:]
             yield collate([self.train[i] for i in chosen], self.pad_id)
 
-    def heldout_batches(self, batch_size: int) -> list[dict[str, torch.Tensor]]:
-        return [collate(self.heldout[i:i + batch_size], self.pad_id) for i in range(0, len(self.heldout), batch_size)]
+    def heldout_batches(self, batch_size: int, part: str = VALIDATION) -> list[dict[str, torch.Tensor]]:
+        examples = held_out_part(self.heldout, part)
+        return [collate(examples[i:i + batch_size], self.pad_id) for i in range(0, len(examples), batch_size)]
+
+    def scored_part(self, part: str = VALIDATION) -> list[Example]:
+        return held_out_part(self.scored, part)
 
 
 def tokenize_examples(examples: Iterable[Example], tokenizer: PreTrainedTokenizerBase, max_len: int) -> list[dict]:

@@ -36,9 +36,14 @@ _DECLARED = [
     Metric("bpb", BPB, False, "held-out bpb"),
     Metric("ppl", "perplexity", False, "held-out perplexity"),
     # fine-tuning: the task (ID) and the pre-training text (OOD), along and after a run
+    # (id_*: the validation part of the task's held-out examples, which chooses LR and step;
+    # id_test_*: the test part, which reports the chosen run)
     Metric("id_loss_nats", NATS, False, "task held-out loss"),
     Metric("id_bpb", BPB, False, "task held-out bpb"),
     Metric("id_acc", FRACTION, True, "task accuracy"),
+    Metric("id_test_loss_nats", NATS, False, "task test loss"),
+    Metric("id_test_bpb", BPB, False, "task test bpb"),
+    Metric("id_test_acc", FRACTION, True, "task test accuracy"),
     Metric("ood_loss_nats", NATS, False, "pre-training-text loss"),
     Metric("ood_bpb", BPB, False, "pre-training-text bpb"),
     Metric("docstring_rate", FRACTION, None, "docstring rate of sampled functions"),

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad, jvp
 
 from overtrain.errors import SpecError
-from overtrain.probes.scoring import count_next_token_targets, next_token_targets
+from overtrain.probes.scoring import count_next_token_targets, full_precision, next_token_targets
 
 Params = dict[str, torch.Tensor]
 LossFn = Callable[[Params], torch.Tensor]
@@ -174,10 +174,11 @@ def _sum_pairs_over_terms(terms: list[LossFn], per_term) -> tuple[Params, Params
 
 @contextmanager
 def eager_eval(model: torch.nn.Module) -> Iterator[None]:
-    """Eval mode and eager attention within the block; both restored afterwards.
+    """Eval mode, eager attention and autocast off within the block; all restored afterwards.
 
     SDPA kernels lack forward-mode AD (and, on some devices, double backward); the
-    eager implementation is plain differentiable tensor algebra.
+    eager implementation is plain differentiable tensor algebra. Curvature is measured
+    in the weights' float32, never in a caller's bf16 autocast.
     """
     was_training = model.training
     previous = getattr(getattr(model, "config", None), "_attn_implementation", None)
@@ -186,7 +187,8 @@ def eager_eval(model: torch.nn.Module) -> Iterator[None]:
         model.set_attn_implementation("eager")
     model.eval()
     try:
-        yield
+        with full_precision(next(model.parameters()).device):
+            yield
     finally:
         if switch:
             model.set_attn_implementation(previous)

@@ -90,13 +90,17 @@ def kl_rows(model: torch.nn.Module, batches: Sequence[Batch], gamma: float, seed
 
 
 def finetune_metrics(model: torch.nn.Module, task_batches: Sequence[Batch], text: Sequence[Batch],
-                     byte_lengths: np.ndarray) -> dict[str, float]:
-    """What a fine-tuning run is followed by: loss and bpb on the task's held-out examples
-    (`id_`) and on the held-out pre-training text (`ood_`)."""
-    task_metrics = heldout_metrics(model, task_batches, byte_lengths)
-    text_metrics = heldout_metrics(model, text, byte_lengths)
-    return {"id_loss_nats": task_metrics["loss_nats"], "id_bpb": task_metrics["bpb"],
-            "ood_loss_nats": text_metrics["loss_nats"], "ood_bpb": text_metrics["bpb"]}
+                     byte_lengths: np.ndarray, test_batches: Sequence[Batch] = ()) -> dict[str, float]:
+    """What a fine-tuning run is followed by: loss and bpb on the validation part of the task's
+    held-out examples (`id_`), on their test part when given (`id_test_`), and on the held-out
+    pre-training text (`ood_`)."""
+    measured = {"id": task_batches, "id_test": test_batches, "ood": text}
+    scores = {}
+    for prefix, batches in measured.items():
+        if batches:
+            found = heldout_metrics(model, batches, byte_lengths)
+            scores |= {f"{prefix}_loss_nats": found["loss_nats"], f"{prefix}_bpb": found["bpb"]}
+    return scores
 
 
 def capability_metrics(model: torch.nn.Module, tokenizer, task: TokenizedTask, benchmarks: Sequence[str],

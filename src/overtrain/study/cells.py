@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from overtrain.data.corpus import PreparedCorpus
-from overtrain.data.examples import TokenizedTask
+from overtrain.data.examples import TEST, VALIDATION, TokenizedTask
 from overtrain.data.tasks import load_task
 from overtrain.errors import CheckpointError
 from overtrain.models.build import build_model, parameter_count
@@ -108,7 +108,7 @@ def run_pretrain(cell: Cell, key: str, ctx: StudyContext) -> list[dict]:
             {"metric": "parameters", "value": parameter_count(model)}]
     if result.diverged:
         rows.append({"metric": "diverged_at_step", "value": result.diverged_at_step})
-    context = {"schedule": cfg["schedule"], "tokens": cfg["total_tokens"]}
+    context = {"schedule": cfg["schedule"], "tokens": cfg["total_tokens"], "pretrain_seed": cfg["seed"]}
     return [{**context, **row} for row in rows]
 
 
@@ -151,7 +151,7 @@ def run_import(cell: Cell, key: str, ctx: StudyContext) -> list[dict]:
         save_checkpoint(model, tokenizer, ctx.folder.checkpoint(cfg["checkpoint"]), {
             "cell": key, "schedule": SERIES, "decayed": False, "tokens": cfg["tokens"], "source": cfg["source"],
             "parameters": cfg["parameters"]})
-    return [{"checkpoint": cfg["checkpoint"], "schedule": SERIES, "decayed": 0, "tokens": cfg["tokens"],
+    return [{"checkpoint": cfg["checkpoint"], "schedule": SERIES, "decayed": 0, "tokens": cfg["tokens"], "pretrain_seed": 0,
              "weights": cfg["weights_sha256"][:16], "duplicate_of": cfg["duplicate_of"], "source": cfg["source"],
              "metric": "parameters", "value": cfg["parameters"]}]
 
@@ -170,7 +170,8 @@ def run_probe(cell: Cell, key: str, ctx: StudyContext) -> list[dict]:
 
 def checkpoint_columns(cfg: dict, folder: Path) -> dict:
     return {"checkpoint": cfg["checkpoint"], "schedule": cfg["schedule"], "decayed": int(cfg["decayed"]),
-            "tokens": cfg["tokens"], "weights": read_manifest(folder)["weights_sha256"][:16]}
+            "tokens": cfg["tokens"], "pretrain_seed": cfg["pretrain_seed"],
+            "weights": read_manifest(folder)["weights_sha256"][:16]}
 
 
 # -- fine-tuning --------------------------------------------------------------------
@@ -183,7 +184,8 @@ def run_finetune(cell: Cell, key: str, ctx: StudyContext) -> list[dict]:
     columns = {**checkpoint_columns(cfg, folder), "task": cfg["task"], "lr": cfg["lr"], "seed": cfg["seed"],
                "mitigation": "none" if not mitigation else "{}={:g}".format(*next(iter(mitigation.items())))}
     task = ctx.task(cfg)
-    evaluate = partial(finetune_metrics, task_batches=task.heldout_batches(cfg["eval"]["batch_size"]),
+    evaluate = partial(finetune_metrics, task_batches=task.heldout_batches(cfg["eval"]["batch_size"], VALIDATION),
+                       test_batches=task.heldout_batches(cfg["eval"]["batch_size"], TEST),
                        text=ctx.heldout_batches(cfg), byte_lengths=ctx.corpus.byte_lengths)
     capabilities = partial(capability_metrics, tokenizer=tokenizer, task=task, benchmarks=cfg["benchmarks"],
                            benchmark_limit=cfg["benchmark_limit"], seed=cfg["seed"])

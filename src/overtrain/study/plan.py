@@ -38,6 +38,7 @@ class CheckpointRef:
     tokens: int
     decayed: bool      # ended in a learning-rate decay (cosine or wsd) or not (constant)
     evaluate: bool = True  # branch points of the constant run are not studied themselves
+    pretrain_seed: int = 0  # which independent pre-training run (`pretrain.seeds`) made it
 
 
 @dataclass(frozen=True)
@@ -92,34 +93,49 @@ def plan_study(spec: StudySpec, series: list[SeriesCheckpoint] | None = None) ->
     return cells
 
 
+def pretrain_seeds(spec: StudySpec) -> list[int]:
+    """The independent pre-training runs of the study: `pretrain.seeds`, else the study's seed."""
+    return spec.pretrain.seeds or [spec.seed]
+
+
 def _pretrain_cells(spec: StudySpec) -> list[Cell]:
+    return [cell for seed in pretrain_seeds(spec) for cell in _pretrain_cells_of_seed(spec, seed)]
+
+
+def _pretrain_cells_of_seed(spec: StudySpec, seed: int) -> list[Cell]:
+    """One pre-training run of every schedule, initialised and fed in the order of `seed`."""
     pre = spec.pretrain
     common = {"model": spec.model.size().__dict__, "tokenizer": spec.tokenizer.model_dump(), "data": spec.data.model_dump(),
-              "seed": spec.seed, **pre.model_dump(exclude={"budgets", "schedules", "wsd_decay_fraction"})}
+              "seed": seed, **pre.model_dump(exclude={"budgets", "schedules", "wsd_decay_fraction", "seeds"})}
     budgets = [trained_tokens(b, spec) for b in pre.budgets]  # names and tokens are whole steps
+    # The study seed's run keeps plain names (and so its keys): adding seeds reuses it.
+    suffix, of_seed = ("", "") if seed == spec.seed else (f"-seed{seed}", f" seed {seed}")
+
+    def ref(schedule: str, tokens: int, decayed: bool, evaluate: bool = True) -> CheckpointRef:
+        return CheckpointRef(f"{schedule}-{tokens}{suffix}", schedule, tokens, decayed, evaluate, seed)
+
     cells = []
     if "cosine" in pre.schedules:
         for budget in budgets:
-            ref = CheckpointRef(f"cosine-{budget}", "cosine", budget, decayed=True)
-            cells.append(Cell("pretrain", f"pretrain cosine {budget:,} tokens",
-                              {**common, "schedule": "cosine", "total_tokens": budget, "save_at": [budget]}, writes=(ref,)))
+            cells.append(Cell("pretrain", f"pretrain cosine {budget:,} tokens{of_seed}",
+                              {**common, "schedule": "cosine", "total_tokens": budget, "save_at": [budget]},
+                              writes=(ref("cosine", budget, True),)))
     wants_wsd = "wsd" in pre.schedules
     if "constant" in pre.schedules or wants_wsd:
         branch_points = sorted({_branch_point(b, spec) for b in budgets}) if wants_wsd else []
-        writes = [CheckpointRef(f"constant-{b}", "constant", b, decayed=False) for b in budgets]
-        writes += [CheckpointRef(f"constant-{t}", "constant", t, decayed=False, evaluate=False)
-                   for t in branch_points if t not in {r.tokens for r in writes}]
-        cells.append(Cell("pretrain", "pretrain constant",
+        writes = [ref("constant", b, False) for b in budgets]
+        writes += [ref("constant", t, False, evaluate=False) for t in branch_points if t not in set(budgets)]
+        cells.append(Cell("pretrain", f"pretrain constant{of_seed}",
                           {**common, "schedule": "constant", "total_tokens": budgets[-1],
                            "save_at": sorted(r.tokens for r in writes), "save_optimizer_at": branch_points},
                           writes=tuple(sorted(writes, key=lambda r: r.tokens))))
     if wants_wsd:
         for budget in budgets:
             start = _branch_point(budget, spec)
-            ref = CheckpointRef(f"wsd-{budget}", "wsd", budget, decayed=True)
-            cells.append(Cell("pretrain", f"pretrain wsd branch {start:,}->{budget:,} tokens",
-                              {**common, "schedule": "wsd", "total_tokens": budget, "branch_from_tokens": start, "save_at": [budget]},
-                              reads=f"constant-{start}", writes=(ref,)))
+            cells.append(Cell("pretrain", f"pretrain wsd branch {start:,}->{budget:,} tokens{of_seed}",
+                              {**common, "schedule": "wsd", "total_tokens": budget, "branch_from_tokens": start,
+                               "save_at": [budget]},
+                              reads=f"constant-{start}{suffix}", writes=(ref("wsd", budget, True),)))
     return cells
 
 
@@ -167,7 +183,8 @@ def _along_update(spec: StudySpec) -> dict | None:
 
 
 def _checkpoint_context(ref: CheckpointRef) -> dict:
-    return {"checkpoint": ref.name, "schedule": ref.schedule, "tokens": ref.tokens, "decayed": ref.decayed}
+    return {"checkpoint": ref.name, "schedule": ref.schedule, "tokens": ref.tokens, "decayed": ref.decayed,
+            "pretrain_seed": ref.pretrain_seed}
 
 
 def _check_budgets(spec: StudySpec) -> None:

@@ -30,7 +30,7 @@ from overtrain.study.folder import RunFolder, is_running
 
 # Context columns every result row may carry; NULL where they do not apply.
 RESULT_COLUMNS = ("checkpoint", "weights", "schedule", "decayed", "tokens", "task", "lr", "gamma", "seed", "step",
-                  "mitigation", "duplicate_of", "source")
+                  "mitigation", "duplicate_of", "source", "pretrain_seed")
 FINISHED = ("done", "diverged")
 SQLITE_HEADER = b"SQLite format 3\x00"
 
