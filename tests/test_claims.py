@@ -37,101 +37,136 @@ def probe_rows(metric: str, value, gammas=(0.5, 1.0), seeds=3, schedules=("const
 
 
 def finetune_rows(after, before=lambda sch, t: 2.0, seeds=3, lrs=(1e-3, 3e-3), rng_seed=0,
-                  task_bpb=lambda lr, x: 3.0 - 0.01 * x) -> list[dict]:
-    """Per run: ood_bpb at step 0 (`before`) and at step 100 (`after(schedule, lr, log2 tokens)` + noise)."""
+                  task_bpb=lambda lr, x: 3.0 - 0.01 * x, budgets=BUDGETS, diverged=()) -> list[dict]:
+    """Per run, as a real run writes them: ood_bpb and the task bpb (validation and test parts) at step 0
+    and step 100 (`after(schedule, lr, log2 tokens)` + noise). A run whose cell is in `diverged` has a
+    diverged_at_step row and no evaluation after step 0."""
     rng = np.random.default_rng(rng_seed)
     rows = []
     for sch in ("constant", "wsd"):
-        for t in BUDGETS:
+        for t in budgets:
             for lr in lrs:
                 for s in range(seeds):
                     cell = f"{sch}-{t}-{lr}-{s}"
                     common = {"cell": cell, "kind": "finetune", "task": "math", "lr": lr, "seed": s, **_checkpoint(sch, t)}
                     rows.append(_row(step=0, metric="ood_bpb", value=before(sch, t), **common))
+                    rows += [_row(step=0, metric=m, value=3.5, **common) for m in ("id_bpb", "id_test_bpb")]
+                    if cell in diverged:
+                        rows.append(_row(metric="diverged_at_step", value=3, **common))
+                        continue
                     rows.append(_row(step=100, metric="ood_bpb", value=after(sch, lr, np.log2(t)) + rng.normal(0, 0.005),
                                      **common))
-                    rows.append(_row(step=100, metric="id_bpb", value=task_bpb(lr, np.log2(t)), **common))
+                    rows += [_row(step=100, metric=m, value=task_bpb(lr, np.log2(t)) + rng.normal(0, 0.005), **common)
+                             for m in ("id_bpb", "id_test_bpb")]
     return rows
 
 
-def test_sensitivity_that_rises_with_tokens_everywhere_reproduces_claim_1():
-    rising = claims.progressive_sensitivity(pd.DataFrame(probe_rows("delta_bpb", lambda s, g, x: g * x)), 200, 0)
-    assert rising.holds and rising.tables[0][1]["rho"].min() > 0.99
+def u_after(schedule, lr, x):
+    return 2.5 + 0.02 * (x - np.log2(U_MINIMUM)) ** 2
 
 
-def test_one_gamma_whose_sensitivity_falls_breaks_claim_1_and_is_named():
+def test_sensitivity_that_rises_with_tokens_holds_with_its_slope_and_interval():
+    rising = claims.progressive_sensitivity(pd.DataFrame(probe_rows("delta_bpb", lambda s, g, x: g * x)))
+    assert rising.verdict == "holds", rising.finding
+    assert 0 < rising.effect_low < rising.effect < rising.effect_high  # slope per 10x tokens: ~0.75 * log2(10)
+
+
+def test_flat_sensitivity_does_not_hold_and_a_falling_schedule_is_named():
+    flat = claims.progressive_sensitivity(pd.DataFrame(probe_rows("delta_bpb", lambda s, g, x: g)))
+    assert flat.verdict == "does not hold"
     mixed = claims.progressive_sensitivity(
-        pd.DataFrame(probe_rows("delta_bpb", lambda s, g, x: g * x if g < 1 else -x)), 200, 0)
-    assert mixed.holds is False and "gamma 1" in mixed.finding and "-1.00" in mixed.finding
+        pd.DataFrame(probe_rows("delta_bpb", lambda s, g, x: g * x if s == "wsd" else -x)))
+    assert mixed.verdict == "holds" and "constant: -" in mixed.finding and "(does not hold)" in mixed.finding
 
 
-def test_perturbed_minimum_that_moves_earlier_with_noise_reproduces_claim_2():
+def test_perturbed_minimum_that_moves_earlier_with_noise_holds_claim_2():
     def perturbed(schedule, gamma, x):  # the bottom of the U sits at 2^(24 - 2 gamma) tokens
         return 0.05 * (x - (24 - 2 * gamma)) ** 2
 
     found = claims.perturbation_u(pd.DataFrame(probe_rows("perturbed_bpb", perturbed)), 200, 0)
-    assert found.holds, found.finding
-    minima = found.tables[0][1].query("schedule == 'constant'").sort_values("gamma")["tokens"].to_numpy()
-    assert minima[0] > minima[1]
+    assert found.verdict == "holds", found.finding
+    lowest = found.tables[0][1].query("schedule == 'constant'").sort_values("gamma")["lowest_tokens"].to_numpy()
+    assert lowest[0] > lowest[1]
 
 
-def test_perturbed_minimum_that_moves_later_with_noise_does_not_reproduce_claim_2():
+def test_perturbed_minimum_that_moves_later_with_noise_does_not_hold_claim_2():
     def perturbed(schedule, gamma, x):
         return 0.05 * (x - (21 + 2 * gamma)) ** 2
 
-    assert claims.perturbation_u(pd.DataFrame(probe_rows("perturbed_bpb", perturbed)), 200, 0).holds is False
+    found = claims.perturbation_u(pd.DataFrame(probe_rows("perturbed_bpb", perturbed)), 200, 0)
+    assert found.verdict == "does not hold" and "does not move earlier" in found.finding
 
 
-def test_a_significant_rise_after_an_interior_minimum_reproduces_claim_3():
-    def after(schedule, lr, x):
-        return 2.5 + 0.02 * (x - np.log2(U_MINIMUM)) ** 2
-
-    found = claims.finetuning_u(pd.DataFrame(finetune_rows(after)), 200, 0)
-    assert found.holds, found.finding
+def test_a_significant_rise_after_an_interior_minimum_holds_claim_3_with_a_located_minimum():
+    found = claims.finetuning_u(pd.DataFrame(finetune_rows(u_after)), 200, 0)
+    assert found.verdict == "holds", found.finding
     table = found.tables[0][1]
-    assert (table["minimum_tokens"] == U_MINIMUM).all() and (table["rise_in_se"] > 2).all()
+    assert (table["lowest_tokens"] == U_MINIMUM).all() and (table["rise_low"] > 0).all()
+    # The interval of the minimum spans at least the budgets on either side of it (STATISTICS §5).
+    assert (table["lowest_ci_low"] <= U_MINIMUM / 2).all() and (table["lowest_ci_high"] >= U_MINIMUM * 2).all()
 
 
-def test_a_rise_within_the_seed_noise_is_not_claim_3():
+def test_a_rise_within_the_seed_noise_does_not_hold_claim_3():
     def after(schedule, lr, x):  # an interior minimum 0.001 bpb deep, under noise of 0.005 per seed
         return 2.5 + (0.001 if x != np.log2(U_MINIMUM) else 0.0)
 
     found = claims.finetuning_u(pd.DataFrame(finetune_rows(after)), 200, 0)
-    assert found.holds is False and "2 standard errors" in found.finding
+    assert found.verdict == "does not hold" and "0 of 4 testable curves" in found.finding
 
 
-def test_decayed_checkpoints_that_forget_more_everywhere_reproduce_claim_4_with_an_interval():
+@pytest.mark.parametrize("rows, reason", [
+    (finetune_rows(u_after, seeds=1), "one seed"),
+    (finetune_rows(u_after, budgets=BUDGETS[:3]), "3 budgets"),
+])
+def test_thin_data_is_not_testable_with_its_reason(rows, reason):
+    found = claims.finetuning_u(pd.DataFrame(rows), 100, 0)
+    assert found.verdict == "not testable" and reason in found.reason, found.reason
+
+
+def test_a_curve_with_a_diverged_run_is_not_testable_and_says_so():
+    diverged = {f"constant-{BUDGETS[-1]}-0.003-0"}
+    found = claims.finetuning_u(pd.DataFrame(finetune_rows(u_after, diverged=diverged)), 100, 0)
+    table = found.tables[0][1]
+    untestable = table[table["untestable"] != ""]
+    assert len(untestable) == 1 and "diverged" in untestable["untestable"].iloc[0] and "diverged" in found.finding
+    assert found.verdict == "holds"  # the other three curves still show the U
+
+
+def test_decayed_checkpoints_that_forget_more_hold_claim_4_with_an_interval():
     def after(schedule, lr, x):
         return 2.3 + (0.1 if schedule == "wsd" else 0.0)
 
-    found = claims.decay_forgets_more(pd.DataFrame(finetune_rows(after)), 200, 0)
-    assert found.holds and "100% of 12" in found.finding and "100%-100%" in found.finding
+    found = claims.decay_forgets_more(pd.DataFrame(finetune_rows(after)))
+    assert found.verdict == "holds" and found.effect_low < 0.1 < found.effect_high
 
 
-def test_decay_that_helps_at_half_the_budgets_is_not_claim_4():
+def test_decay_that_helps_at_half_the_budgets_does_not_hold_claim_4():
     def after(schedule, lr, x):
         return 2.3 + (0.1 if (schedule == "wsd") == (x < 22.5) else 0.0)
 
-    found = claims.decay_forgets_more(pd.DataFrame(finetune_rows(after)), 200, 0)
-    assert found.holds is False and "50% of 12" in found.finding
+    found = claims.decay_forgets_more(pd.DataFrame(finetune_rows(after)))
+    assert found.verdict == "does not hold" and found.effect_low < 0 < found.effect_high
 
 
-@pytest.mark.parametrize("best_lr, warned", [(3e-3, False), (1e-2, True)])
-def test_a_tuned_lr_pinned_to_the_grid_edge_is_called_a_bound(best_lr, warned):
+@pytest.mark.parametrize("best_lr, testable", [(3e-3, True), (1e-2, False)])
+def test_a_tuned_lr_at_the_grid_edge_makes_claim_5_not_testable(best_lr, testable):
     def task_bpb(lr, x):
         return 3.0 + abs(np.log10(lr / best_lr))
 
-    rows = finetune_rows(lambda schedule, lr, x: 2.3, lrs=(1e-3, 3e-3, 1e-2), task_bpb=task_bpb)
+    rows = finetune_rows(u_after, lrs=(1e-3, 3e-3, 1e-2), task_bpb=task_bpb)
     found = claims.tuned_lr_inflections(pd.DataFrame(rows), 100, 0)
-    assert ("end of the grid" in found.finding) == warned
+    assert (found.verdict != "not testable") == testable, found.finding
+    assert ("edge of the grid" in found.finding) != testable
     assert f"LR* {best_lr:g} -> {best_lr:g}" in found.finding
+    if testable:  # T_pre: the U in pre-training text at the tuned LR
+        assert found.verdict == "holds"
 
 
-def test_claims_without_their_data_are_not_tested():
+def test_claims_without_their_data_are_not_testable():
     only_probes = pd.DataFrame(probe_rows("delta_bpb", lambda s, g, x: x))
-    assert claims.finetuning_u(pd.DataFrame(columns=only_probes.columns)).holds is None
-    assert claims.decay_forgets_more(only_probes, 100, 0).holds is None
-    assert claims.tuned_lr_inflections(only_probes, 100, 0).holds is None
+    assert claims.finetuning_u(pd.DataFrame(columns=only_probes.columns), 100, 0).verdict == "not testable"
+    assert claims.decay_forgets_more(only_probes).verdict == "not testable"
+    assert claims.tuned_lr_inflections(only_probes, 100, 0).verdict == "not testable"
 
 
 @pytest.mark.timeout(600)
@@ -151,7 +186,7 @@ def test_reproduction_page_of_a_real_tiny_run_has_every_verdict_and_its_figures(
     page = write_reproduction(tmp_path / "run", tmp_path / "docs" / "REPRODUCTION.md", n_boot=100)
     text = page.read_text()
     for number in range(1, 6):
-        assert re.search(rf"^## {number}\. .+\n\n\*\*(Reproduced|Not reproduced|Not tested)\.\*\*", text, re.M), number
+        assert re.search(rf"^## {number}\. .+\n\n\*\*(Holds|Does not hold|Not testable)\.\*\*", text, re.M), number
     assert "wall time" in text and "tokens per parameter" in text
     figures = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
     assert figures and all((page.parent / f).is_file() for f in figures)

@@ -38,6 +38,7 @@ def cache(tmp_path, monkeypatch):
     (["theory", "no-such-study.yaml"], "no-such-study.yaml: no such file"),
     (["audit", "smollm2", "--lrs", "1e-4,fast"], "--lrs '1e-4,fast': expected comma-separated numbers"),
     (["run", "no-such-study.yaml"], "no-such-study.yaml: no such study file"),
+    (["report", ".", "--max-bpb", "2.5", "--within-bpb", "0.1"], "--within-bpb are two constraints"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, expected, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

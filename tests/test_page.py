@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
+import pytest
 
-from overtrain.analysis.page import Figure, Section, Table, to_html, to_markdown
+from overtrain.analysis.page import Figure, Section, Table, markdown_table, sig, to_html, to_markdown
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 16
 
@@ -24,7 +26,7 @@ def test_markdown_holds_every_part_in_order(tmp_path):
     text = to_markdown("Title", [("model", "tiny")], page_parts(tmp_path), intro=["Opening words."],
                        page_dir=tmp_path)
     order = ["# Title", "Opening words.", "- model: tiny", "## Findings", "A paragraph.", "- first point",
-             "- second point", "Shown table:", "| 0.0001 | 1.235 |", "|  0 | 0.0001 | 1.235 |",
+             "- second point", "Shown table:", "| 0.0001 |  1.23 |", "|  0 | 0.0001 |  1.23 |",
              "![curve](figures/curve.png)", "A curve.", "Table `data` (tables/data.csv):", "### Detail", "Deeper."]
     positions = [text.index(part) for part in order]
     assert positions == sorted(positions), text
@@ -42,3 +44,26 @@ def test_html_holds_every_part(tmp_path):
         assert part in page, part
     assert page.index("<li>second point</li>") < page.index("<p>Shown table:</p>") < page.index("<figure>")
     assert "Empty" not in page and "Nothing here" not in page
+
+
+@pytest.mark.parametrize("value, text", [
+    (0.0123456, "0.0123"), (-2.71828, "-2.72"), (3.10, "3.1"), (999.7, "1,000"), (12345.6, "12,300"),
+    (0.0003, "0.0003"), (1e-05, "1e-05"), (2.5e7, "2.5e+07"), (0, "0"), (np.float32(0.5), "0.5"),
+    (float("nan"), "n/a"), (None, "n/a"), (float("inf"), "inf"), (-float("inf"), "-inf")])
+def test_sig_writes_three_significant_figures(value, text):
+    assert sig(value) == text
+
+
+def test_sig_writes_fewer_figures_and_signs_on_request():
+    assert sig(0.8912, 2) == "0.89" and sig(0.0412, plus=True) == "+0.0412" and sig(-0.0412, plus=True) == "-0.0412"
+
+
+def test_tables_show_three_significant_figures_and_whole_numbers_whole():
+    frame = pd.DataFrame({"schedule": ["cosine", "wsd"], "tokens": [4096, 16777216], "budget": [4096.0, np.nan],
+                          "bpb": [2.7132861, 1234.5678], "diverged": [False, True]})
+    table = markdown_table(frame)
+    assert "|  2.71 |" in table and "| 1,230 |" in table  # floats: 3 significant figures
+    assert "| 16777216 |" in table and "|     4096 |" in table  # ints, and whole floats, stay whole
+    assert "nan" not in table and "True" in table
+    html = to_html("T", [], [Section("S", text_tables=[Table("", frame)])])
+    assert "<td>2.71</td>" in html and "<td>16777216</td>" in html and "2.713" not in html

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
     from overtrain.study.folder import RunFolder
 
-__all__ = ["load_spec", "parse_spec", "run", "load_results", "status", "report", "reproduction", "theory", "audit",
+__all__ = ["load_spec", "parse_spec", "run", "load_results", "status", "report", "reproduction", "power", "theory", "audit",
            "probe", "keys", "run_folder", "save_traceback"]
 
 
@@ -81,12 +81,14 @@ def run_folder(run_dir: str | Path) -> RunFolder:
     return RunFolder(run_dir)
 
 
-def report(run_dir: str | Path, task: str | None = None, tolerance_bpb: float = 0.05) -> Path:
-    """Rebuild `run_dir/report/` from the store; the recommendation is for `task` within
-    `tolerance_bpb` of forgetting (rise in held-out pre-training bpb)."""
+def report(run_dir: str | Path, task: str | None = None, max_bpb: float | None = None,
+           within_bpb: float | None = None) -> Path:
+    """Rebuild `run_dir/report/` from the store. The recommendation (for `task`, default every task) keeps
+    pre-training-text bpb after fine-tuning at most `max_bpb`, or at most `within_bpb` above the best base
+    checkpoint's held-out bpb (default 0.1); give one of the two."""
     from overtrain.analysis.report import build_report
 
-    return build_report(run_dir, task=task, tolerance_bpb=tolerance_bpb)
+    return build_report(run_dir, task=task, max_bpb=max_bpb, within_bpb=within_bpb)
 
 
 def reproduction(run_dir: str | Path, out: str | Path = "docs/REPRODUCTION.md") -> Path:
@@ -94,6 +96,16 @@ def reproduction(run_dir: str | Path, out: str | Path = "docs/REPRODUCTION.md") 
     from overtrain.analysis.reproduction import write_reproduction
 
     return write_reproduction(run_dir, out)
+
+
+def power(study: str | Path, noise_from: str | Path | None = None, simulations: int = 400, seed: int = 0):
+    """Simulate `simulations` studies of the design of `study` (a study file or a run folder) without any
+    effect and as many with the papers' effects, and return each claim's false-positive rate and power
+    (a `PowerReport`: `.as_dict()`, `.to_text()`). The noise is measured in `noise_from` (or in `study`
+    when it is a run folder), else the documented defaults; see docs/POWER.md."""
+    from overtrain.analysis.power import power as estimate
+
+    return estimate(study, noise_from, simulations, seed)
 
 
 def theory(study: str | Path | None = None, out: str | Path = "runs/theory", overrides: dict | None = None) -> Path:

@@ -8,6 +8,7 @@ line with the path of the log holding its traceback, and exit code 1.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sys
 from importlib import resources
@@ -113,12 +114,15 @@ def _counts_line(cells) -> str:
 @app.command("report")
 def report_command(
     run_dir: Path = typer.Argument(..., help="A run folder."),
-    task: str = typer.Option(None, help="Task the recommendation is for (default: the study's first task)."),
-    tolerance_bpb: float = typer.Option(0.05, help="Most forgetting allowed: rise in held-out pre-training bpb."),
+    task: str = typer.Option(None, help="Task the recommendation is for (default: every task of the study)."),
+    max_bpb: float = typer.Option(None, help="Most pre-training-text bpb after fine-tuning the recommendation may have."),
+    within_bpb: float = typer.Option(None, help="Instead: at most this much above the best base checkpoint's held-out "
+                                                "bpb (the default, 0.1)."),
 ) -> None:
-    """Rebuild the report (report/index.html, summary.md, tables) of a run folder from its results store alone."""
+    """Rebuild the report (report/index.html, summary.md, recommendation.json, tables) of a run folder from its
+    results store alone."""
     with errors_reported(run_dir):
-        api.report(run_dir, task=task, tolerance_bpb=tolerance_bpb)
+        api.report(run_dir, task=task, max_bpb=max_bpb, within_bpb=within_bpb)
         typer.echo(f"report: {api.run_folder(run_dir).report.html}")
 
 
@@ -130,6 +134,23 @@ def reproduction_command(
     """Check the papers' claims on a run (sensitivity, U-curves, schedules, tuned LR) and write the page."""
     with errors_reported(run_dir):
         typer.echo(f"reproduction: {api.reproduction(run_dir, out)}")
+
+
+@app.command("power")
+def power_command(
+    study: Path = typer.Argument(..., help="A study file (its design is simulated) or a run folder (its design and noise)."),
+    noise_from: Path = typer.Option(None, help="Run folder whose noise levels the simulation uses "
+                                               "(default: STUDY when it is a run folder, else documented defaults)."),
+    simulations: int = typer.Option(400, help="Simulated studies without any effect, and as many with the papers' effects."),
+    seed: int = typer.Option(0, help="Seed of the simulated noise."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON: {\"claims\": [{\"claim\", \"false_positive_rate\", "
+                                                       "\"power\", \"simulations\"}], ...}."),
+) -> None:
+    """How often each claim holds on simulated studies of a design: without any effect (false-positive rate)
+    and with the effects the papers report (power). See docs/POWER.md."""
+    with errors_reported():
+        found = api.power(study, noise_from, simulations, seed)
+        typer.echo(json.dumps(found.as_dict(), indent=1) if as_json else found.to_text())
 
 
 @app.command("theory")

@@ -1,24 +1,16 @@
 """Curves over pre-training tokens: where fine-tuning starts to hurt, and why.
 
 Inflection points (T_pre, T_ft)
-    A curve is a metric against tokens with a few seeds per budget. We fit a
-    quadratic in log10(tokens) to the per-budget means and call its minimum (the
-    bottom of the U) the inflection point: the budget after which more pre-training
-    makes this metric worse. A U is *reported* only when, in at least 95% of
-    bootstrap resamples, (1) the fitted quadratic falls at the smallest budget and
-    rises at the largest (the Lind-Mehlum test for a U, done by bootstrap), and
-    (2) the measured means themselves are lowest strictly inside the budget range
-    (so a flattening monotone curve, which a quadratic would bend upward, is never
-    given a minimum). Otherwise the answer is "no inflection within the budgets
-    measured", with the reason. The 95% interval of the inflection is the 2.5-97.5
-    percentile range of the minimizer of the fitted quadratic over the measured
-    range, across resamples.
-
-Bootstrap
-    With at least two seeds at every budget, resamples draw seeds with replacement
-    within each budget. With one seed, the seeds cannot show the noise: resamples
-    add the quadratic fit's residuals (drawn with replacement, inflated for the
-    three fitted parameters) to the fitted curve instead.
+    A curve is a metric against tokens, measured in replicates (`replicates.py`). Its
+    inflection is the bottom of a U: the budget after which more pre-training makes
+    the metric worse. A U is *found* when the test of `significance.u_shape` passes
+    (the curve is lower at an interior budget than at both ends, beyond the seeds'
+    noise); otherwise the answer is "no inflection within the budgets measured", with
+    the reason. The location is the lowest budget, refined by the parabola through it
+    and its two neighbours (in log tokens). Its 95% interval comes from the hierarchical
+    paired bootstrap of the seeds and always spans the budgets around the lowest one
+    in each resample: a minimum between two measured budgets can be anywhere between
+    them, so no interval is narrower than the spacing of the budgets (STATISTICS §5).
 
 Everything here takes *points* tables (one row per seed, see `tables.py`) and
 returns plain DataFrames or dataclasses, so the report and the tests read the same
@@ -33,40 +25,12 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from overtrain.analysis import significance
+from overtrain.analysis.page import short_tokens
+from overtrain.analysis.replicates import Replicates, replicates, resampled_means
+
 LEVEL = 0.95
 N_BOOT = 1000
-MIN_BUDGETS_FOR_U = 4  # a quadratic has three parameters: four budgets leave one to test it
-
-
-# -- resampling ---------------------------------------------------------------------
-
-def budget_means(points: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-    """Sorted budgets and the mean value at each (non-finite values dropped)."""
-    finite = points[np.isfinite(points["value"].astype(float))]
-    means = finite.groupby("tokens")["value"].mean().sort_index()
-    return means.index.to_numpy(dtype=float), means.to_numpy(dtype=float)
-
-
-def resample_seed_means(points: pd.DataFrame, n_boot: int, rng: np.random.Generator) -> np.ndarray | None:
-    """(n_boot, budgets) means with seeds redrawn within each budget; None if a budget has one seed."""
-    finite = points[np.isfinite(points["value"].astype(float))]
-    columns = []
-    for _, group in finite.groupby("tokens", sort=True):
-        values = group["value"].to_numpy(dtype=float)
-        if len(values) < 2:
-            return None
-        draws = values[rng.integers(0, len(values), size=(n_boot, len(values)))].mean(axis=1)
-        # Redrawn means vary (n-1)/n as much as the mean does: widen them back around it.
-        columns.append(values.mean() + (draws - values.mean()) * np.sqrt(len(values) / (len(values) - 1)))
-    return np.column_stack(columns)
-
-
-def _resample_residuals(x: np.ndarray, means: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.ndarray:
-    """(n_boot, budgets) curves: the quadratic fit plus its residuals drawn with replacement."""
-    coefficients = np.polyfit(x, means, 2)
-    fitted = np.polyval(coefficients, x)
-    residuals = (means - fitted) * np.sqrt(len(x) / (len(x) - 3))
-    return fitted + residuals[rng.integers(0, len(x), size=(n_boot, len(x)))]
 
 
 # -- inflection points ----------------------------------------------------------------
@@ -76,63 +40,80 @@ class Inflection:
     """The bottom of a U-shaped curve in tokens, or why there is none."""
 
     found: bool
-    tokens: float  # the fitted minimum (NaN when not found)
-    ci_low: float
+    tokens: float        # the refined lowest point (NaN when not found)
+    ci_low: float        # 95% interval, never narrower than the budgets around the lowest
     ci_high: float
-    support: float  # fraction of resamples that show a U (see module docstring)
-    note: str  # one plain sentence for the report
-
-
-def _quadratic_minimizer(coefficients: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    """Where each fitted quadratic c x^2 + b x + a is lowest on [lo, hi]; coefficients (3, n)."""
-    c, b, a = coefficients
-
-    def value(x):
-        return (c * x + b) * x + a
-
-    with np.errstate(divide="ignore", invalid="ignore"):
-        vertex = np.clip(-b / (2 * c), lo, hi)
-    lower_end = np.where(value(lo) <= value(hi), lo, hi)
-    return np.where(c > 0, vertex, lower_end)  # a concave or straight fit is lowest at an end
+    bracket_low: float   # the measured budgets on either side of the lowest one
+    bracket_high: float
+    p_value: float       # of the U test (one curve; claims correct for several)
+    note: str            # one plain sentence for the report
 
 
 def find_inflection(points: pd.DataFrame, higher_is_better: bool = False, n_boot: int = N_BOOT,
-                    seed: int = 0, level: float = LEVEL) -> Inflection:
-    """The budget after which the metric in `points` (tokens, value[, seed]) gets worse."""
-    tokens, means = budget_means(points)
-    if len(tokens) < MIN_BUDGETS_FOR_U:
-        return Inflection(False, np.nan, np.nan, np.nan, np.nan,
-                          f"needs at least {MIN_BUDGETS_FOR_U} budgets to test for a U (has {len(tokens)})")
-    sign = -1.0 if higher_is_better else 1.0  # look for a minimum of "badness"
-    x, y = np.log10(tokens), sign * means
-    rng = np.random.default_rng(seed)
-    resampled = resample_seed_means(points, n_boot, rng)
-    curves = sign * resampled if resampled is not None else _resample_residuals(x, y, n_boot, rng)
-
-    coefficients = np.polyfit(x, curves.T, 2)  # (3, n_boot)
-    c, b, _ = coefficients
-    falls_first = b + 2 * c * x[0] < 0
-    rises_last = b + 2 * c * x[-1] > 0
-    interior_minimum = (curves.argmin(axis=1) > 0) & (curves.argmin(axis=1) < len(x) - 1)
-    support = float(np.mean(falls_first & rises_last & interior_minimum))
-    minimizers = 10 ** _quadratic_minimizer(coefficients, x[0], x[-1])
-    low, high = np.percentile(minimizers, [100 * (1 - level) / 2, 100 * (1 + level) / 2])
-
-    if support >= level:
-        best = 10 ** _quadratic_minimizer(np.polyfit(x, y, 2)[:, None], x[0], x[-1])[0]
-        return Inflection(True, float(best), float(low), float(high), support,
-                          f"gets worse after ~{best:,.0f} tokens (95% interval {low:,.0f}-{high:,.0f})")
-    return Inflection(False, np.nan, np.nan, np.nan, support, _why_no_inflection(y, tokens, support, level))
+                    seed: int = 0) -> Inflection:
+    """The budget after which the metric in `points` (tokens, value[, seed, pretrain_seed]) gets worse."""
+    curve = badness(replicates(points), higher_is_better)
+    units = curve.units()
+    why = significance.untestable(units, diverged=curve.diverged)
+    if why:
+        return Inflection(False, *[np.nan] * 6, f"not testable: {why}")
+    test = significance.u_shape(units)
+    if test.p_value > significance.ONE_SIDED:
+        return Inflection(False, *[np.nan] * 5, test.p_value, _why_no_inflection(curve, test))
+    low, high = lowest_interval(curve, n_boot, seed)
+    best = refined_lowest(curve.tokens, curve.means())
+    before, after = _bracket(curve.tokens, test.lowest)
+    return Inflection(True, best, low, high, before, after, test.p_value,
+                      f"gets worse after ~{short_tokens(best)} tokens (lowest measured budget {short_tokens(curve.tokens[test.lowest])}, "
+                      f"between {short_tokens(before)} and {short_tokens(after)}; 95% interval {short_tokens(low)}-{short_tokens(high)}; "
+                      f"U test p = {test.p_value:.2g})")
 
 
-def _why_no_inflection(y: np.ndarray, tokens: np.ndarray, support: float, level: float) -> str:
-    lowest = int(np.argmin(y))
-    if lowest == len(y) - 1:
-        return f"no inflection within the budgets measured: still improving at {tokens[-1]:,.0f} tokens"
-    if lowest == 0:
-        return f"no inflection within the budgets measured: worse than at {tokens[0]:,.0f} tokens throughout"
-    return (f"no inflection within the budgets measured: a U is seen in only {support:.0%} of resamples "
-            f"(needs {level:.0%})")
+def badness(curve: Replicates, higher_is_better: bool) -> Replicates:
+    """The curve with lower always better, so that a U is always a minimum."""
+    return Replicates(curve.tokens, -curve.values if higher_is_better else curve.values, curve.diverged)
+
+
+def _why_no_inflection(curve: Replicates, test: significance.UShape) -> str:
+    tokens = curve.tokens
+    if test.lowest == len(tokens) - 1:
+        return f"no inflection within the budgets measured: still improving at {short_tokens(tokens[-1])} tokens"
+    if test.lowest == 0:
+        return f"no inflection within the budgets measured: worse than at {short_tokens(tokens[0])} tokens throughout"
+    return (f"no inflection within the budgets measured: lowest at {short_tokens(tokens[test.lowest])} tokens, but "
+            f"not beyond the seeds' noise (U test p = {test.p_value:.2g})")
+
+
+def refined_lowest(tokens: np.ndarray, means: np.ndarray) -> float:
+    """The lowest budget moved to the vertex of the parabola through it and its neighbours (log tokens)."""
+    k = int(np.nanargmin(means))
+    if k == 0 or k == len(tokens) - 1:
+        return float(tokens[k])
+    x, y = np.log10(tokens[k - 1:k + 2]), means[k - 1:k + 2]
+    c, b, _ = np.polyfit(x, y, 2)
+    vertex = -b / (2 * c) if c > 0 else x[1]
+    return float(10 ** np.clip(vertex, x[0], x[2]))
+
+
+def lowest_interval(curve: Replicates, n_boot: int, seed: int) -> tuple[float, float]:
+    """95% interval of the lowest point: in each seed resample, the span between the budgets
+    around the lowest one; the interval runs from the 2.5th percentile of the spans' lower
+    ends to the 97.5th of their upper ends."""
+    means = resampled_means(curve.values, n_boot, np.random.default_rng(seed))
+    return lowest_interval_of(curve.tokens, means)
+
+
+def lowest_interval_of(tokens: np.ndarray, resampled: np.ndarray) -> tuple[float, float]:
+    """The same from (n_boot, B) resampled curve means."""
+    lowest = np.nanargmin(np.where(np.isfinite(resampled), resampled, np.inf), axis=1)
+    before = tokens[np.maximum(lowest - 1, 0)]
+    after = tokens[np.minimum(lowest + 1, len(tokens) - 1)]
+    tail = 100 * (1 - LEVEL) / 2
+    return float(np.percentile(before, tail)), float(np.percentile(after, 100 - tail))
+
+
+def _bracket(tokens: np.ndarray, k: int) -> tuple[float, float]:
+    return float(tokens[max(k - 1, 0)]), float(tokens[min(k + 1, len(tokens) - 1)])
 
 
 def inflections(points: pd.DataFrame, by: list[str], higher_is_better: bool = False,
@@ -140,6 +121,7 @@ def inflections(points: pd.DataFrame, by: list[str], higher_is_better: bool = Fa
     """`find_inflection` for every curve in `points`, one row per group of `by`."""
     rows = []
     for key, curve in points.groupby(by, sort=True, dropna=False):
+        key = key if isinstance(key, tuple) else (key,)
         found = find_inflection(curve, higher_is_better, n_boot, seed)
         rows.append({**dict(zip(by, key)), **asdict(found)})
     return pd.DataFrame(rows, columns=[*by, *Inflection.__dataclass_fields__])
@@ -149,10 +131,10 @@ def inflections(points: pd.DataFrame, by: list[str], higher_is_better: bool = Fa
 
 @dataclass(frozen=True)
 class RankTrend:
-    """Spearman rank correlation of a metric's per-budget mean with tokens."""
+    """Spearman rank correlation of a metric's per-budget mean with tokens (descriptive)."""
 
     rho: float
-    ci_low: float  # NaN when one seed per budget leaves nothing to resample
+    ci_low: float  # NaN when one seed leaves nothing to resample
     ci_high: float
     budgets: int
 
@@ -167,42 +149,55 @@ def _spearman_rows(tokens: np.ndarray, curves: np.ndarray) -> np.ndarray:
 
 
 def rank_trend(points: pd.DataFrame, n_boot: int = N_BOOT, seed: int = 0, level: float = LEVEL) -> RankTrend:
-    """How monotonically a metric grows with tokens: rho in [-1, 1] with a bootstrap interval."""
-    tokens, means = budget_means(points)
-    if len(tokens) < 3:
-        return RankTrend(np.nan, np.nan, np.nan, len(tokens))
-    rho = float(_spearman_rows(tokens, means[None, :])[0])
-    resampled = resample_seed_means(points, n_boot, np.random.default_rng(seed))
-    if resampled is None:
-        return RankTrend(rho, np.nan, np.nan, len(tokens))
-    low, high = np.nanpercentile(_spearman_rows(tokens, resampled), [100 * (1 - level) / 2, 100 * (1 + level) / 2])
-    return RankTrend(rho, float(low), float(high), len(tokens))
+    """How monotonically a metric grows with tokens: rho in [-1, 1] with a hierarchical bootstrap interval."""
+    curve = replicates(points)
+    means = curve.means()
+    if len(curve.tokens) < 3 or not np.isfinite(means).all():
+        return RankTrend(np.nan, np.nan, np.nan, len(curve.tokens))
+    rho = float(_spearman_rows(curve.tokens, means[None, :])[0])
+    if curve.pretrain_seeds * curve.seeds < 2:
+        return RankTrend(rho, np.nan, np.nan, len(curve.tokens))
+    resampled = resampled_means(curve.values, n_boot, np.random.default_rng(seed))
+    low, high = np.nanpercentile(_spearman_rows(curve.tokens, resampled), [100 * (1 - level) / 2, 100 * (1 + level) / 2])
+    return RankTrend(rho, float(low), float(high), len(curve.tokens))
 
 
 def rank_trends(points: pd.DataFrame, by: list[str], n_boot: int = N_BOOT, seed: int = 0) -> pd.DataFrame:
-    rows = [{**dict(zip(by, key)), **asdict(rank_trend(curve, n_boot, seed))}
+    rows = [{**dict(zip(by, key if isinstance(key, tuple) else (key,))), **asdict(rank_trend(curve, n_boot, seed))}
             for key, curve in points.groupby(by, sort=True, dropna=False)]
     return pd.DataFrame(rows, columns=[*by, *RankTrend.__dataclass_fields__])
 
 
 # -- tuned learning rate --------------------------------------------------------------
 
-def tuned_lr(id_points: pd.DataFrame, higher_is_better: bool = False) -> pd.DataFrame:
-    """Per checkpoint and task, the LR whose mean final ID metric is best: one row each.
+TUNED_BY = ["schedule", "decayed", "tokens", "task"]  # one tuned LR per budget of a schedule, over all seeds
 
-    The LR is picked on the mean over seeds; `tuned_points` then gives the seeds at it.
+
+def tuned_lr(id_points: pd.DataFrame, higher_is_better: bool = False) -> pd.DataFrame:
+    """Per budget of each schedule and task, the LR whose mean ID metric (over every seed) is best.
+
+    Pass the *validation* metric: the choice is then reported on the test part and on
+    pre-training text (STATISTICS §6). An LR with a diverged seed is never the tuned one.
     """
-    by_checkpoint = ["schedule", "decayed", "tokens", "checkpoint", "task"]
-    means = id_points.groupby([*by_checkpoint, "lr"], dropna=False)["value"].mean().reset_index()
-    means = means[np.isfinite(means["value"])]
-    pick = means.groupby(by_checkpoint, dropna=False)["value"].idxmax() if higher_is_better \
-        else means.groupby(by_checkpoint, dropna=False)["value"].idxmin()
-    return means.loc[pick.to_numpy(), [*by_checkpoint, "lr"]].reset_index(drop=True)
+    diverged = id_points["diverged"].fillna(False).astype(bool) if "diverged" in id_points else False
+    grouped = id_points.assign(_diverged=diverged).groupby([*TUNED_BY, "lr"], dropna=False)
+    means = grouped.agg(value=("value", "mean"), diverged=("_diverged", "any")).reset_index()
+    means = means[np.isfinite(means["value"]) & ~means["diverged"]]
+    pick = means.groupby(TUNED_BY, dropna=False)["value"].idxmax() if higher_is_better \
+        else means.groupby(TUNED_BY, dropna=False)["value"].idxmin()
+    return means.loc[pick.to_numpy(), [*TUNED_BY, "lr"]].reset_index(drop=True)
 
 
 def tuned_points(points: pd.DataFrame, tuned: pd.DataFrame) -> pd.DataFrame:
-    """The rows of `points` (any final metric) at each checkpoint's tuned LR."""
-    return points.merge(tuned[["checkpoint", "task", "lr"]], on=["checkpoint", "task", "lr"])
+    """The rows of `points` (any final metric) at each budget's tuned LR."""
+    return points.merge(tuned[[*TUNED_BY, "lr"]], on=[*TUNED_BY, "lr"])
+
+
+def at_grid_edge(tuned: pd.DataFrame, grid: list[float]) -> pd.DataFrame:
+    """The tuned rows whose LR is the smallest or largest of the grid: the best LR may lie outside it."""
+    if len(grid) < 2:
+        return tuned
+    return tuned[tuned["lr"].isin([min(grid), max(grid)])]
 
 
 @dataclass(frozen=True)

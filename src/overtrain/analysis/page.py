@@ -9,21 +9,85 @@ A page is a title, settings (`key: value` pairs) and sections; a Markdown page m
 also open with intro paragraphs. A section holds, in this order: paragraphs, bullets,
 tables shown in the text, figures, the data tables behind it (the caller saves them
 as tables/<stem>.csv), and subsections.
+
+Numbers a person reads carry 3 significant figures: `sig` writes one in words, and
+every table on the page is rendered through it (integers stay whole; the CSV files
+keep full precision).
 """
 
 from __future__ import annotations
 
 import base64
 import html
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
-FLOAT_FORMAT = "{:.4g}".format
-MARKDOWN_FLOAT_FORMAT = ".4g"
+SIGNIFICANT_DIGITS = 3
+
+
+def short_tokens(value: float, _position=None) -> str:
+    """4096 -> '4.1k', 2.5e9 -> '2.5B': tick labels a person reads at a glance."""
+    for size, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= size:
+            return f"{value / size:.3g}{suffix}"
+    return f"{value:.3g}"
+
+
+def sig(value: float | None, digits: int = SIGNIFICANT_DIGITS, plus: bool = False) -> str:
+    """`value` rounded to `digits` significant figures, as a person writes it.
+
+    0.0123456 -> '0.0123', -2.71828 -> '-2.72', 12345.6 -> '12,300', 3.10 -> '3.1',
+    1e-05 -> '1e-05' and 2.5e7 -> '2.5e+07' (below 1e-4 or from 1e6 on, powers of ten
+    read better than zeros; token counts have `plots.short_tokens`), NaN or None -> 'n/a',
+    infinities -> 'inf' / '-inf'. plus: a change, '+' before positive values ('+0.0123').
+    """
+    if value is None or math.isnan(value):
+        return "n/a"
+    if plus and value > 0:
+        return "+" + sig(value, digits)
+    if math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    if value == 0:
+        return "0"
+    magnitude = math.floor(math.log10(abs(value)))
+    if magnitude >= 6 or magnitude < -4:
+        return f"{value:.{digits}g}"
+    decimals = digits - 1 - magnitude  # negative: round to tens, hundreds...
+    text = f"{round(value, decimals):,.{max(decimals, 0)}f}"
+    return text.rstrip("0").rstrip(".") if "." in text else text
+
+
+def _cell_text(value) -> str:
+    """One table cell: whole numbers whole (a float column of token counts stays exact), others `sig`."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (float, np.floating)):
+        return "" if value is None else str(value)
+    if math.isnan(value):
+        return ""
+    if value.is_integer() and abs(value) < 1e15:
+        return str(int(value))
+    return sig(value)
+
+
+def shown(frame: pd.DataFrame) -> pd.DataFrame:
+    """The frame as the page shows it: every cell as text, floats to 3 significant figures."""
+    return frame.map(_cell_text).set_axis(frame.index.map(_cell_text), axis=0)
+
+
+def _alignment(frame: pd.DataFrame, index: bool) -> list[str]:
+    """Numbers right, text left, in a Markdown table."""
+    columns = [frame.index, *(frame[c] for c in frame.columns)] if index else [frame[c] for c in frame.columns]
+    return ["right" if pd.api.types.is_numeric_dtype(c) and not pd.api.types.is_bool_dtype(c) else "left"
+            for c in columns]
+
+
+def markdown_table(frame: pd.DataFrame, index: bool = False) -> str:
+    return shown(frame).to_markdown(index=index, disable_numparse=True, colalign=_alignment(frame, index))
 
 
 @dataclass(frozen=True)
@@ -114,7 +178,7 @@ def _figure_html(figure: Figure) -> str:
 
 
 def _frame_html(frame: pd.DataFrame, index: bool = False) -> str:
-    return frame.to_html(index=index, border=0, classes="data", float_format=FLOAT_FORMAT, na_rep="")
+    return shown(frame).to_html(index=index, border=0, classes="data")
 
 
 def _tables_html(named_tables: list[tuple[str, pd.DataFrame]]) -> str:
@@ -148,13 +212,13 @@ def _section_markdown(section: Section, page_dir: Path | None, level: int = 2) -
         lines += [*(f"- {item}" for item in section.bullets), ""]
     for table in section.text_tables:
         lines += [table.caption, ""] if table.caption else []
-        lines += [table.frame.to_markdown(index=table.index, floatfmt=MARKDOWN_FLOAT_FORMAT), ""]
+        lines += [markdown_table(table.frame, table.index), ""]
     for figure in section.figures:
         link = os.path.relpath(figure.path, page_dir) if page_dir is not None else figure.path.name
         lines.append(f"![{figure.path.stem}]({Path(link).as_posix()})\n\n{figure.caption}\n")
     for name, table in section.tables:
         lines += [f"Table `{name}` (tables/{name}.csv):", "",
-                  table.to_markdown(index=False, floatfmt=MARKDOWN_FLOAT_FORMAT), ""]
+                  markdown_table(table), ""]
     for sub in section.subsections:
         lines += _section_markdown(sub, page_dir, level + 1)
     return lines

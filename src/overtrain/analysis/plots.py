@@ -19,6 +19,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator  # noqa: E402
 
+from overtrain.analysis.page import short_tokens  # noqa: E402
+
 # schedule -> (color, line style, marker, legend label)
 SCHEDULE_STYLE = {
     "cosine": ("tab:blue", "-", "o", "cosine to zero (decayed)"),
@@ -33,14 +35,6 @@ DPI = 100
 def schedule_style(schedule: str) -> tuple[str, str, str, str]:
     color, line, marker, label = SCHEDULE_STYLE.get(schedule, UNKNOWN_STYLE)
     return color, line, marker, label or schedule
-
-
-def short_tokens(value: float, _position=None) -> str:
-    """4096 -> '4.1k', 2.5e9 -> '2.5B': tick labels a person reads at a glance."""
-    for size, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "k")):
-        if abs(value) >= size:
-            return f"{value / size:.3g}{suffix}"
-    return f"{value:.3g}"
 
 
 def token_axis(ax, ylabel: str, title: str) -> None:
@@ -211,6 +205,33 @@ def scatter_figure(points: pd.DataFrame, x: str, y: str, xlabel: str, ylabel: st
     return save(fig, path)
 
 
+def scatter_by_panel_figure(points: pd.DataFrame, x: str, y: str, panel: str, hue: str, hue_label: str,
+                            xlabel: str, ylabel: str, title: str, path: Path) -> Path:
+    """A panel per value of `panel` (e.g. the task), a color per value of `hue` (e.g. the LR), the
+    schedule's marker; each hue's points joined in x order, so a trend within it shows."""
+    panels = sorted(points[panel].unique())
+    hues = sorted(points[hue].unique())
+    colors = dict(zip(hues, plt.cm.plasma(np.linspace(0.05, 0.8, len(hues)))))
+    fig, axes = plt.subplots(1, len(panels), figsize=(PANEL_SIZE[0] * 1.2 * len(panels), PANEL_SIZE[1] * 1.1),
+                             squeeze=False)
+    for ax, value in zip(axes[0], panels):
+        for level in hues:
+            group = points[(points[panel] == value) & (points[hue] == level)].sort_values(x)
+            if group.empty:
+                continue
+            ax.plot(group[x], group[y], "-", color=colors[level], lw=0.8, alpha=0.5,
+                    label=f"{hue_label} {level:g}" if isinstance(level, float) else f"{hue_label} {level}")
+            for schedule, by_schedule in group.groupby("schedule"):
+                ax.scatter(by_schedule[x], by_schedule[y], color=colors[level], marker=schedule_style(schedule)[2], s=28)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel if ax is axes[0][0] else "")
+        ax.set_title(str(value), fontsize=10)
+        ax.grid(alpha=0.3)
+        _legend(ax)
+    fig.suptitle(title, fontsize=11)
+    return save(fig, path)
+
+
 def trade_off_figure(table: pd.DataFrame, id_label: str, title: str, path: Path) -> Path:
     """A panel per schedule: ID (y) against OOD bpb (x), one curve per mitigation through the checkpoints."""
     schedules = sorted(table["schedule"].unique())
@@ -229,4 +250,38 @@ def trade_off_figure(table: pd.DataFrame, id_label: str, title: str, path: Path)
         ax.set_title(f"{title} ({schedule})", fontsize=10)
         ax.grid(alpha=0.3)
         _legend(ax)
+    return save(fig, path)
+
+
+def frontier_figure(candidates: pd.DataFrame, best: pd.Series | None, runners_up: pd.DataFrame, ylabel: str,
+                    limit: float, title: str, path: Path) -> Path:
+    """Task metric (y) against pre-training-text bpb after fine-tuning (x), one point per candidate
+    (`recommend.Recommendation.candidates`): all faint in their schedule's style, pairs with a diverged
+    seed as grey crosses, the frontier as a line, the constraint's limit dotted, the recommendation a
+    star and the runners-up circled."""
+    fig, ax = plt.subplots(figsize=(PANEL_SIZE[0] * 1.5, PANEL_SIZE[1] * 1.3))
+    usable = candidates[candidates["eligible"]]
+    for schedule, group in usable.groupby("schedule"):
+        color, _, marker, label = schedule_style(schedule)
+        ax.scatter(group["ood_bpb"], group["validation_value"], color=color, marker=marker, s=18, alpha=0.3, label=label)
+    diverged = candidates[candidates["diverged"]]
+    if len(diverged):
+        ax.scatter(diverged["ood_bpb"], diverged["validation_value"], color="grey", marker="x", s=18, alpha=0.5,
+                   label="a seed diverged (never recommended)")
+    front = usable[usable["frontier"]].sort_values("ood_bpb")
+    ax.plot(front["ood_bpb"], front["validation_value"], "-", color="black", lw=1.2,
+            label="frontier (nothing beats it on both axes)")
+    if np.isfinite(limit):
+        ax.axvline(limit, color="tab:red", ls=":", lw=1.2, label=f"constraint: at most {limit:.3g} bpb")
+    if len(runners_up):
+        ax.scatter(runners_up["ood_bpb"], runners_up["validation_value"], s=110, facecolors="none",
+                   edgecolors="black", lw=1.2, label="runners-up", zorder=4)
+    if best is not None:
+        ax.plot([best["ood_bpb"]], [best["validation_value"]], "*", ms=17, color="gold", markeredgecolor="black",
+                label="recommended", zorder=5)
+    ax.set_xlabel("pre-training-text bpb after fine-tuning (lower: keeps more)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    _legend(ax)
     return save(fig, path)

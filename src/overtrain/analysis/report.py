@@ -6,6 +6,7 @@
   then the base model, sensitivity, fine-tuning at fixed and at tuned LR, sharpness,
   theory and mitigations, each section only when the study measured it;
 - `summary.md`: the same text with links to the PNGs beside it;
+- `recommendation.json`: the recommendation, one object per task;
 - `tables/*.csv`: every table behind a figure or a number on the page.
 
 The statistics (inflection points, rank trends, tuned LR, matched-loss forgetting,
@@ -24,46 +25,52 @@ import pandas as pd
 from scipy import stats
 
 from overtrain.analysis import curves, page, plots, tables
-from overtrain.analysis.page import Figure, Section
-from overtrain.analysis.plots import short_tokens
-from overtrain.analysis.recommend import DEFAULT_TOLERANCE_BPB, Recommendation, id_metric_for, recommend
+from overtrain.analysis.page import Figure, Section, Table, sig
+from overtrain.analysis.page import short_tokens
+from overtrain.analysis.recommend import Constraint, Recommendation, id_metric_for, recommend
+from overtrain.errors import SpecError
 from overtrain.probes import metrics
 from overtrain.study.folder import ReportFolder, RunFolder
 from overtrain.study.store import load_results
 from overtrain.theory.run import TITLE as THEORY_TITLE
 from overtrain.theory.run import written_summary
 
-RECOMMENDATION_ROWS = 8  # the best, its runners-up and the first excluded choices
+RECOMMENDATION_ROWS = 8  # shown in the text: the recommendation, its runners-up and the next candidates by the rule
 
 
-def build_report(run_dir: str | Path, task: str | None = None, tolerance_bpb: float = DEFAULT_TOLERANCE_BPB,
-                 n_boot: int = curves.N_BOOT, seed: int = 0) -> Path:
+def build_report(run_dir: str | Path, task: str | None = None, max_bpb: float | None = None,
+                 within_bpb: float | None = None, n_boot: int = curves.N_BOOT, seed: int = 0) -> Path:
     """Write `run_dir/report/` and return its path.
 
     task: the fine-tuning task to recommend for (default: every task of the study).
-    tolerance_bpb: the most pre-training-text bpb a recommendation may lose to
-    fine-tuning, relative to its own base checkpoint.
+    max_bpb: the most pre-training-text bpb after fine-tuning the recommendation may have;
+    within_bpb instead: at most this much above the best base checkpoint's held-out bpb
+    (the default, recommend.DEFAULT_WITHIN_BPB). Give one of the two.
     n_boot, seed: bootstrap resamples behind every interval, and their seed.
     """
+    Constraint.of(max_bpb, within_bpb)  # a bad option is named before the folder is read
     folder = RunFolder(run_dir)
     results = load_results(run_dir)  # first: it names the missing or damaged store of a folder that is not a run
     study = json.loads(folder.study.read_text())
-    return write_report(results, study, folder.report.path, task, tolerance_bpb, n_boot, seed,
+    return write_report(results, study, folder.report.path, task, max_bpb, within_bpb, n_boot, seed,
                         theory_dir=folder.theory)
 
 
 def write_report(results: pd.DataFrame, study: dict, out: Path, task: str | None = None,
-                 tolerance_bpb: float = DEFAULT_TOLERANCE_BPB, n_boot: int = curves.N_BOOT, seed: int = 0,
-                 theory_dir: Path | None = None) -> Path:
+                 max_bpb: float | None = None, within_bpb: float | None = None, n_boot: int = curves.N_BOOT,
+                 seed: int = 0, theory_dir: Path | None = None) -> Path:
     """The report of tidy `results` of a study (its study.json as a dict) into folder `out`.
 
+    max_bpb, within_bpb: the recommendation's constraint (see `build_report`).
     theory_dir: where the study's theory simulation wrote its PNGs and tables, if it has one.
     """
+    constraint = Constraint.of(max_bpb, within_bpb)
+    report = Report(results, out, n_boot, seed, theory_dir)
+    report.check_task(task)  # bad input is named before the previous build is removed
     files = ReportFolder(out)
     files.tables.mkdir(parents=True, exist_ok=True)
     remove_previous_build(out)
-    report = Report(results, out, n_boot, seed, theory_dir)
-    sections = report.sections(task, tolerance_bpb) if not results.empty else [
+    sections = report.sections(task, constraint) if not results.empty else [
         Section("No results yet", ["The store has no finished cells; run the study first."])]
     title = f"overtrain report: {study['name']}"
     settings = study_settings(study)
@@ -76,9 +83,10 @@ def write_report(results: pd.DataFrame, study: dict, out: Path, task: str | None
 
 
 def remove_previous_build(out: Path) -> None:
-    """Drop the figures and tables of an earlier build, so nothing stale survives a rebuild."""
+    """Drop the figures, tables and answer of an earlier build, so nothing stale survives a rebuild."""
     for stale in [*out.glob("*.png"), *ReportFolder(out).tables.glob("*.csv")]:
         stale.unlink()
+    ReportFolder(out).recommendation.unlink(missing_ok=True)
 
 
 def study_settings(study: dict) -> list[tuple[str, str]]:
@@ -129,8 +137,8 @@ class Report:
         # The task metric is chosen per task: accuracy where it tells runs apart, else bpb.
         self.task_metrics = {task: id_metric_for(final[final["task"] == task]) for task in self.tasks}
 
-    def sections(self, task: str | None, tolerance_bpb: float) -> list[Section]:
-        lead, residue = self.recommendation([task] if task else self.tasks, tolerance_bpb), self.residue()
+    def sections(self, task: str | None, constraint: Constraint) -> list[Section]:
+        lead, residue = self.recommendation([task] if task else self.tasks, constraint), self.residue()
         lead.paragraphs += residue.paragraphs  # a habit that survives fine-tuning belongs beside the answer
         series = tables.series_checkpoints(self.results)
         lead.paragraphs += duplicate_notes(series)  # one point fewer than the user gave: say so up front
@@ -150,19 +158,45 @@ class Report:
 
     # -- the answer -------------------------------------------------------------------
 
-    def recommendation(self, tasks: list[str], tolerance_bpb: float) -> Section:
+    def check_task(self, task: str | None) -> None:
+        """A task asked for by name must be one the run fine-tuned on (once it has any)."""
+        if task is not None and self.tasks and task not in self.tasks:
+            raise SpecError(f"--task {task}: this run has no fine-tuning results for it "
+                            f"(its tasks: {', '.join(self.tasks)})")
+
+    def recommendation(self, tasks: list[str], constraint: Constraint) -> Section:
+        """Per task: the candidate (checkpoint, LR, step) to fine-tune, its frontier figure and the
+        candidate table; also written as recommendation.json."""
         section = Section("Recommendation", lead=True)
         if not tasks:
             section.paragraphs.append("No fine-tuning results yet: the recommendation needs the fine-tuning sweep.")
+        answers = []
         for task in tasks:
-            found = recommend(self.results, task, tolerance_bpb, self.n_boot, self.seed)
+            found = recommend(self.results, task, constraint, self.n_boot, self.seed)
+            answers.append(found.to_json())
             section.paragraphs += describe_recommendation(found)
-            section.tables.append((f"recommendation_{file_stem(task)}", found.candidates.head(RECOMMENDATION_ROWS)))
-        section.paragraphs.append(
-            f"Forgetting = pre-training-text bpb after fine-tuning minus the same checkpoint's bpb before it "
-            f"(mean over seeds); tolerance +{tolerance_bpb:g} bpb. 'Best in x%' is how often a choice wins when "
-            "the fine-tuning seeds are redrawn (bootstrap).")
+            if found.candidates.empty:
+                continue
+            section.text_tables.append(Table(f"{task}: the recommendation first, then its runners-up and the next "
+                                             "candidates by the rule (seed means).", shown_candidates(found)))
+            section.figures.append(self.frontier(found))
+            section.tables.append((f"recommendation_{file_stem(task)}", found.candidates))
+        if tasks:
+            section.paragraphs.append(RECOMMENDATION_RULE)
+        ReportFolder(self.out).recommendation.write_text(json.dumps(answers, indent=1) + "\n")
         return section
+
+    def frontier(self, found: Recommendation) -> Figure:
+        label = metrics.label(found.id_metric)
+        png = plots.frontier_figure(found.candidates, found.best, found.runners_up,
+                                    f"{label}, validation half ({metrics.direction(found.id_metric)})",
+                                    found.limit_bpb, f"{found.task}: task result vs pre-training text after fine-tuning",
+                                    self.out / f"recommendation_frontier_{file_stem(found.task)}.png")
+        return Figure(png, f"Every candidate (checkpoint, LR, step; seed means) of {found.task}: {label} on the "
+                           "validation half, which chooses, against pre-training-text bpb after fine-tuning "
+                           "(absolute). Black line: the frontier, where nothing is better on both axes. Star: the "
+                           f"recommendation; circles: its runners-up; dotted: the constraint ({found.constraint}). "
+                           f"How often each wins: {found.resampling}.")
 
     # -- existing checkpoints -------------------------------------------------------------
 
@@ -181,10 +215,14 @@ class Report:
         base = tables.base_metrics(self.results)
         if base.empty:
             return Section("Base model")
-        figure = plots.schedules_figure(base.rename(columns={"bpb": "mean"}), metrics.label("bpb"),
-                                        "Base model on held-out pre-training text", self.out / "base_bpb.png")
-        changes = [f"{s}: {_first_last(c, 'bpb')}" for s, c in base.groupby("schedule")]
-        caption = f"Held-out bpb of each checkpoint before any change ({metrics.direction('bpb')}). " + "; ".join(changes) + "."
+        curve = tables.mean_with_ci(base.rename(columns={"bpb": "value"}), ["schedule", "decayed", "tokens"])
+        figure = plots.schedules_figure(curve, metrics.label("bpb"), "Base model on held-out pre-training text",
+                                        self.out / "base_bpb.png")
+        seeds = len(tables.pretrain_seeds(self.results))
+        over = f" (mean over {seeds} pre-training seeds, bands: 95% intervals over them)" if seeds > 1 else ""
+        changes = [f"{s}: {_first_last(c, 'mean')}" for s, c in curve.groupby("schedule")]
+        caption = (f"Held-out bpb of each checkpoint before any change ({metrics.direction('bpb')}){over}. "
+                   + "; ".join(changes) + ".")
         return Section("Base model", figures=[Figure(figure, caption)], tables=[("base_model", base)])
 
     # -- progressive sensitivity ----------------------------------------------------------
@@ -207,7 +245,7 @@ class Report:
         return Section(
             "Sensitivity to Gaussian perturbation",
             ["Each checkpoint is perturbed with Gaussian noise scaled by each tensor's initialization std; "
-             "bands are 95% intervals over noise seeds."],
+             "bands are 95% intervals over noise seeds. " + interval_scope(self.results, "noise seeds")],
             [Figure(delta_png, "How much the same noise hurts, by tokens. Rank correlation with tokens (Spearman, "
                     "95% bootstrap interval): " + describe_trends(trends, "gamma") + "."),
              Figure(perturbed_png, "Bpb after perturbation. Inflection T_pre (the budget after which more "
@@ -236,11 +274,12 @@ class Report:
         return Section(
             f"Fine-tuning on {task} at a fixed LR",
             ["Every checkpoint fine-tuned with the same hyper-parameters; values at the end of fine-tuning, "
-             "bands are 95% intervals over fine-tuning seeds."],
+             "bands are 95% intervals over fine-tuning seeds. " + interval_scope(self.results, "fine-tuning seeds")],
             [Figure(ood_png, f"Pre-training-text bpb after fine-tuning ({metrics.direction('ood_bpb')}). T_pre: "
-                    + describe_inflections(t_pre, "lr", "LR") + "."),
+                    + describe_inflections(t_pre, "lr", "LR") + "." + diverged_note(ood_table)),
              Figure(id_png, f"{id_label.capitalize()} after fine-tuning. T_ft (the budget after which task performance "
-                    "after fine-tuning gets worse): " + describe_inflections(t_ft, "lr", "LR") + ".")],
+                    "after fine-tuning gets worse): " + describe_inflections(t_ft, "lr", "LR") + "."
+                    + diverged_note(id_table))],
             [(f"fixed_lr_ood_{file_stem(task)}", ood_table), (f"fixed_lr_id_{file_stem(task)}", id_table),
              (f"inflection_T_pre_by_lr_{file_stem(task)}", t_pre), (f"inflection_T_ft_by_lr_{file_stem(task)}", t_ft)],
         )
@@ -262,10 +301,10 @@ class Report:
                                       f"{task} at the tuned LR (best task result per checkpoint)",
                                       self.out / f"tuned_lr_{file_stem(task)}.png"),
                    f"At each checkpoint's ID-optimal LR. T_ft: {describe_inflections(found['id'])}. "
-                   f"T_pre: {describe_inflections(found['ood'])}."),
+                   f"T_pre: {describe_inflections(found['ood'])}." + diverged_note(id_table)),
             Figure(plots.lr_trend_figure(tuned, grid, f"ID-optimal LR on {task}", self.out / f"tuned_lr_trend_{file_stem(task)}.png"),
                    "The LR with the best task result, by tokens (grey lines: the LR grid). Trend of log LR* against "
-                   "log tokens: " + "; ".join(f"{r.schedule}: {r.trend} (slope {r.slope:+.2f})"
+                   "log tokens: " + "; ".join(f"{r.schedule}: {r.trend} (slope {sig(r.slope, 2, plus=True)})"
                                               for r in trends.itertuples()) + "."),
         ]
         section_tables = [(f"tuned_lr_{file_stem(task)}", tuned), (f"tuned_lr_id_{file_stem(task)}", id_table),
@@ -276,25 +315,28 @@ class Report:
         return Section(f"Fine-tuning on {task} at the tuned LR", [
             "In practice the LR is tuned per checkpoint for the task. The LR is picked on the mean over seeds; "
             "bands are 95% intervals over seeds at that LR. Trend rule: |slope| < 0.1 constant, "
-            "slope between -0.5 and -0.1 slowly decreasing, steeper quickly decreasing."], figures, section_tables)
+            "slope between -0.5 and -0.1 slowly decreasing, steeper quickly decreasing. "
+            + interval_scope(self.results, "fine-tuning seeds")], figures, section_tables)
 
     def matched_loss(self, task: str, section_tables: list) -> list[Figure]:
         """Forgetting compared at equal task loss rather than at equal steps."""
         paths = _task(tables.trajectories(self.results), task)
         across_checkpoints = curves.matched_loss_across_checkpoints(paths)
         across_lrs = curves.matched_loss_across_lrs(paths)
+        # A diverged run's evaluations before it diverged are in the seed means; its curve ends early.
+        partial = " Diverged runs enter with their evaluations before they diverged." if paths["diverged"].any() else ""
         figures = []
         if not across_checkpoints.empty:
             tau = across_checkpoints["tau_id_loss_nats"].iloc[0]
             png = plots.schedules_figure(across_checkpoints.rename(columns={"ood_loss_nats": "mean"}),
                                          "lowest pre-training text loss (nats)",
-                                         f"Forgetting at matched task loss <= {tau:.3f} nats",
+                                         f"Forgetting at matched task loss <= {sig(tau)} nats",
                                          self.out / f"matched_loss_checkpoints_{file_stem(task)}.png")
             figures.append(Figure(png, f"Each checkpoint's lowest pre-training-text loss among evaluations "
-                                       f"(any LR, any step, seed means) whose task loss reached {tau:.3f} nats, the "
+                                       f"(any LR, any step, seed means) whose task loss reached {sig(tau)} nats, the "
                                        "worst of the checkpoints' best task losses. " +
                                        "; ".join(f"{s}: {_first_last(c, 'ood_loss_nats')}"
-                                                 for s, c in across_checkpoints.groupby("schedule")) + "."))
+                                                 for s, c in across_checkpoints.groupby("schedule")) + "." + partial))
             section_tables.append((f"matched_loss_checkpoints_{file_stem(task)}", across_checkpoints))
         if not across_lrs.empty:
             png = plots.matched_lr_figure(across_lrs, f"Large vs small LR at the same task loss ({task})",
@@ -303,8 +345,8 @@ class Report:
             figures.append(Figure(png, "Per checkpoint, each LR's pre-training-text loss where its (seed-mean) "
                                        "trajectory first reaches the task loss that all learning LRs reach, "
                                        "interpolated linearly between evaluations. The largest LR forgets "
-                                       f"{largest['extra_vs_smallest_lr'].median():+.3f} nats vs the smallest "
-                                       "(median over checkpoints)."))
+                                       f"{sig(largest['extra_vs_smallest_lr'].median(), plus=True)} nats vs the "
+                                       "smallest (median over checkpoints)." + partial))
             section_tables.append((f"matched_loss_lrs_{file_stem(task)}", across_lrs))
         return figures
 
@@ -318,7 +360,8 @@ class Report:
             png = plots.schedules_figure(table, f"{name} accuracy", f"{name} after fine-tuning on {task} (tuned LR)",
                                          self.out / f"{metric}_{file_stem(task)}.png")
             changes = "; ".join(f"{s}: {_first_last(c, 'mean')}" for s, c in table.groupby("schedule"))
-            figures.append(Figure(png, f"Benchmark {name} ({metrics.direction(metric)}) at the tuned LR. {changes}."))
+            figures.append(Figure(png, f"Benchmark {name} ({metrics.direction(metric)}) at the tuned LR. {changes}."
+                                       + diverged_note(table)))
             section_tables.append((f"{metric}_{file_stem(task)}", table))
         return figures
 
@@ -350,13 +393,14 @@ class Report:
                 f"Held-out function headers, 4 sampled bodies each: how often the model opens the body with a "
                 f"docstring, before fine-tuning (grey) and after fine-tuning on {task} (bands: 95% intervals over "
                 f"seeds). Before: " + "; ".join(f"{s}: {_first_last(c, 'mean')}" for s, c in before_table.groupby("schedule"))
-                + f". The {left}.")))
+                + f". The {left}." + diverged_note(after_table) + " " + interval_scope(self.results, "sampling seeds"))))
             section.tables += [(f"residue_before_{file_stem(task)}", before_table),
                                (f"residue_after_{file_stem(task)}", after_table)]
         return section
 
     def sharpness(self) -> Section:
         section = Section("Sharpness")
+        with_intervals = False
         for metric in tables.probe_metrics_present(self.results, list(metrics.SHARPNESS)):
             points = tables.probe_points(self.results, metric)
             has_gamma = points["gamma"].notna().any()
@@ -366,24 +410,31 @@ class Report:
             png = plots.panels_figure(table, "gamma", "gamma", label, label, path) if has_gamma \
                 else plots.schedules_figure(table, label, f"{label} of the pre-trained model", path)
             trends = curves.rank_trends(points, ["schedule", *(["gamma"] if has_gamma else [])], self.n_boot, self.seed)
+            with_intervals |= bool(trends["ci_low"].notna().any())
             section.figures.append(Figure(png, f"{label} by tokens. Rank correlation with tokens: "
                                                + describe_trends(trends, "gamma" if has_gamma else None) + "."))
             section.tables += [(f"sharpness_{metric}", table), (f"sharpness_{metric}_rank_trend", trends)]
             section.figures += self.sharpness_and_forgetting(metric, label, section.tables)
         section.figures += self.forgetting_prediction(section.tables)
+        if with_intervals:
+            section.paragraphs.append(interval_scope(self.results, "noise seeds"))
         return section
 
     def sharpness_and_forgetting(self, metric: str, label: str, section_tables: list) -> list[Figure]:
-        """Do sharper checkpoints forget more? One point per checkpoint, task and LR."""
+        """Do sharper checkpoints forget more? Counted as STATISTICS.md says: one point per checkpoint
+        (per pre-training seed) within each task and LR, one Spearman rho per (task, LR); the
+        fine-tuning seeds of a checkpoint share its sharpness, so they are one point, not several."""
         points = tables.sharpness_vs_forgetting(self.results, metric)
-        if len(points) < 3:
+        found = tables.rank_correlations(points, metric, "forgetting_bpb", ["task", "lr"])
+        if found.empty or found["n"].max() < 3:
             return []
-        rho, p_value = stats.spearmanr(points[metric], points["forgetting_bpb"])
-        png = plots.scatter_figure(points, metric, "forgetting_bpb", label, "forgetting: rise in held-out bpb",
-                                   f"{label} vs forgetting after fine-tuning", self.out / f"sharpness_vs_forgetting_{metric}.png")
-        section_tables.append((f"sharpness_vs_forgetting_{metric}", points))
-        return [Figure(png, f"Each point: one checkpoint fine-tuned on one task at one LR (mean over seeds). "
-                            f"Spearman correlation of {label} with forgetting: {rho:.2f} (p = {p_value:.2g}, n = {len(points)}).")]
+        png = plots.scatter_by_panel_figure(points, metric, "forgetting_bpb", "task", "lr", "LR", label,
+                                            "forgetting: rise in held-out bpb", f"{label} vs forgetting after fine-tuning",
+                                            self.out / f"sharpness_vs_forgetting_{metric}.png")
+        section_tables += [(f"sharpness_vs_forgetting_{metric}", points), (f"sharpness_vs_forgetting_{metric}_rho", found)]
+        return [Figure(png, "Each point: one checkpoint fine-tuned on one task (panel) at one LR (color), its "
+                            "forgetting averaged over the fine-tuning seeds. " + describe_correlations(found, label)
+                            + diverged_note(points))]
 
     def forgetting_prediction(self, section_tables: list) -> list[Figure]:
         """The quadratic model along the update against the loss rise it predicts."""
@@ -398,7 +449,7 @@ class Report:
         rho = stats.spearmanr(points["predicted_total_nats"], points["observed_forgetting_nats"])[0]
         return [Figure(png, f"One point per fine-tuning run: the second-order Taylor model of the held-out loss at the "
                             f"base weights, evaluated at the fine-tuned weights, against the measured rise. "
-                            f"Spearman correlation {rho:.2f} over {len(points)} runs.")]
+                            f"Spearman correlation {sig(rho, 2)} over {len(points)} runs.")]
 
     def theory(self) -> Section:
         """The linear-network theory's figures and summary tables, from the files `run_theory` wrote."""
@@ -416,10 +467,11 @@ class Report:
             return Section("Mitigations")
         section = Section("Mitigations", ["Each mitigation at each checkpoint's ID-optimal LR (mean over seeds). "
                                           "A curve that sits lower and further left keeps more of pre-training for "
-                                          "the same task result; T_pre is where forgetting starts to grow with tokens."])
+                                          "the same task result; T_pre is where forgetting starts to grow with tokens. "
+                                          + interval_scope(self.results, "fine-tuning seeds")])
         for task in self.tasks:
             id_metric, higher_is_better = self.task_metrics[task]
-            tuned_rows, found = [], []
+            tuned_rows, found, diverged = [], [], []
             for variant in variants:
                 results = tables.only_mitigation(self.with_mitigations, variant)
                 task_metric = _task(tables.final_points(results, id_metric), task)
@@ -433,46 +485,98 @@ class Report:
                 merged = id_table.merge(ood_table, on=["schedule", "tokens"], suffixes=("_id", "_ood"))
                 tuned_rows.append(merged.assign(mitigation=variant))
                 found.append(curves.inflections(ood_at, ["schedule"], n_boot=self.n_boot, seed=self.seed).assign(mitigation=variant))
+                if id_table["diverged"].sum():
+                    diverged.append(f"{_variant_name(variant)}: {int(id_table['diverged'].sum())}")
             if not tuned_rows:
                 continue
             trade_off, inflections = pd.concat(tuned_rows), pd.concat(found)
             png = plots.trade_off_figure(trade_off, metrics.label(id_metric), f"Mitigations on {task}: task result vs forgetting",
                                          self.out / f"mitigations_{file_stem(task)}.png")
-            moved = "; ".join(f"{'plain fine-tuning' if r.mitigation == 'none' else r.mitigation} ({r.schedule}): "
+            moved = "; ".join(f"{_variant_name(r.mitigation)} ({r.schedule}): "
                               + (f"{short_tokens(r.tokens)} [{short_tokens(r.ci_low)}, {short_tokens(r.ci_high)}]" if r.found else "no inflection within the budgets")
                               for r in inflections.itertuples())
+            unstable = (f" Diverged runs at the tuned LR, left out of the means: {'; '.join(diverged)}."
+                        if diverged else "")
             section.figures.append(Figure(png, f"One curve per mitigation, points in token order (larger markers: more "
-                                               f"tokens). T_pre at the tuned LR: {moved}."))
+                                               f"tokens). T_pre at the tuned LR: {moved}.{unstable}"))
             section.tables += [(f"mitigations_{file_stem(task)}", trade_off), (f"mitigations_T_pre_{file_stem(task)}", inflections)]
         return section
 
     def diverged(self) -> Section:
-        rows = tables.diverged_runs(self.results)
-        return Section("Diverged runs", [f"{len(rows)} runs diverged; they count as results and are never "
-                                         "recommended."], tables=[("diverged_runs", rows)]) if len(rows) \
-            else Section("Diverged runs")
+        """Every run that diverged, of any kind and any mitigation, with the step it diverged at."""
+        rows = tables.diverged_runs(self.with_mitigations)
+        if rows.empty:
+            return Section("Diverged runs")
+        kinds = ", ".join(f"{count} {KIND_WORDS.get(kind, (kind, kind))[count > 1]}"
+                          for kind, count in rows["kind"].value_counts().items())
+        return Section("Diverged runs", [(
+            f"{len(rows)} run{'s' if len(rows) > 1 else ''} diverged ({kinds}), each listed below with the step it "
+            "diverged at. A fine-tune that diverged has no final evaluation: it stays in every table, flagged "
+            "diverged, with no final value (never its last evaluation before it diverged); a figure whose curves "
+            "contain one says so, and a (checkpoint, LR) with a diverged seed is never recommended.")],
+            tables=[("diverged_runs", rows)], text_tables=[Table("", rows.dropna(axis=1, how="all"))])
 
 
 # -- words ---------------------------------------------------------------------------------
 
+RECOMMENDATION_RULE = (
+    "How the recommendation is chosen: every evaluation step after step 0 of every plain fine-tune is a candidate "
+    "(checkpoint, LR, step), valued by its seed mean (fine-tuning seeds within each pre-training seed, then over "
+    "pre-training seeds). The validation half of the task's held-out examples chooses the candidate and its step; "
+    "the test half reports it. Among candidates that meet the constraint on pre-training-text bpb after fine-tuning "
+    "(absolute), the best validation task result wins: it is on the frontier, so no candidate is better on both. "
+    "When none meets it, the frontier candidate with the lowest pre-training-text bpb is shown instead. A "
+    "(checkpoint, LR) with a diverged seed is never recommended. Forgetting (after minus the checkpoint's own bpb "
+    "before fine-tuning) is shown, not used: it would penalize a checkpoint for having been better to begin with. "
+    "'Chosen in x%' is how often a candidate wins when the seeds are redrawn and the whole choice is made again.")
+
+
 def describe_recommendation(found: Recommendation) -> list[str]:
-    unit = "task accuracy" if found.higher_is_better else "task bpb"
+    """The answer for one task in a sentence or three: what to run, what it gives, how sure."""
     best = found.best
     if best is None:
-        least = found.candidates.sort_values("forgetting_bpb").iloc[0] if len(found.candidates) else None
-        fallback = "" if least is None else (f" The least forgetting is {_choice(least)}: "
-                                             f"{least['forgetting_bpb']:+.3f} bpb.")
-        return [f"{found.task}: no checkpoint and LR keeps forgetting within +{found.tolerance_bpb:g} bpb.{fallback}"]
-    sure = "" if np.isnan(best["p_best"]) else f" Best in {best['p_best']:.0%} of seed resamples."
-    lines = [f"{found.task}: fine-tune {_choice(best)}. {unit} {best['id_mean']:.3f}, forgetting "
-             f"{best['forgetting_bpb']:+.3f} bpb (tolerance +{found.tolerance_bpb:g}).{sure}"]
+        why = ("every (checkpoint, LR) had a diverged seed" if len(found.candidates)
+               else "no fine-tune of this task has an evaluation yet")
+        return [f"{found.task}: nothing to recommend: {why}."]
+    reported = metrics.label(found.reported_metric)
+    outcome = (f"{reported} {sig(best['value'])}" + ("" if found.reported_metric == found.id_metric
+                                                    else f" (validation {sig(best['validation_value'])})")
+               + f"; pre-training-text bpb after fine-tuning {sig(best['ood_bpb'])} "
+                 f"({sig(best['forgetting_bpb'], 2, plus=True)} from the checkpoint's own start)")
+    if found.constraint_met:
+        lines = [f"{found.task}: fine-tune {_choice(best)} and stop at step {best['step']:.0f}: {outcome}. "
+                 f"Constraint met: {found.constraint}. {_how_sure(best)}"]
+    else:
+        lines = [f"{found.task}: no candidate meets the constraint ({found.constraint}). The closest is "
+                 f"{_choice(best)} stopped at step {best['step']:.0f}, the lowest pre-training-text bpb after "
+                 f"fine-tuning on the frontier: {outcome}. {_how_sure(best)}"]
+    if found.reported_metric == found.id_metric:
+        lines.append("This run has no test half of the task's examples (written before the split): the task value "
+                     "shown is the validation one that made the choice, so it is optimistic.")
     runners = found.runners_up
     if len(runners):
         lines.append("Runners-up: " + "; ".join(
-            f"{_choice(r)} ({unit} {r['id_mean']:.3f}, forgetting {r['forgetting_bpb']:+.3f}"
-            + ("" if np.isnan(r["p_best"]) else f", best in {r['p_best']:.0%}") + ")"
+            f"{_choice(r)}, step {r['step']:.0f} ({reported} {sig(r['value'])}, pre-training-text bpb "
+            f"{sig(r['ood_bpb'])}" + ("" if np.isnan(r["p_best"]) else f", chosen in {r['p_best']:.0%}") + ")"
             for _, r in runners.iterrows()) + ".")
+    diverged = found.candidates[found.candidates["diverged"]].drop_duplicates(["checkpoint", "lr"])
+    if len(diverged):
+        lines.append("Never recommended, a seed diverged: " + "; ".join(
+            f"{r['checkpoint']} at LR {r['lr']:g}" for _, r in diverged.iterrows()) + ".")
     return lines
+
+
+def _how_sure(best: pd.Series) -> str:
+    if np.isnan(best["p_best"]):
+        return "How often it wins when seeds are redrawn is not known: one seed."
+    return f"Chosen in {best['p_best']:.0%} of seed resamples."
+
+
+def shown_candidates(found: Recommendation) -> pd.DataFrame:
+    """The first candidates by the rule, the columns a reader compares."""
+    return found.candidates.head(RECOMMENDATION_ROWS)[
+        ["checkpoint", "lr", "step", "validation_value", "value", "ood_bpb", "forgetting_bpb", "p_best", "feasible",
+         "frontier"]]
 
 
 def duplicate_notes(series: pd.DataFrame) -> list[str]:
@@ -484,7 +588,10 @@ def duplicate_notes(series: pd.DataFrame) -> list[str]:
 
 
 def _choice(row: pd.Series) -> str:
-    return f"the {row['schedule']} checkpoint at {short_tokens(row['tokens'])} tokens ({row['checkpoint']}) at LR {row['lr']:g}"
+    seeds = row["pretrain_seeds"]
+    across = f", pre-training seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 else ""
+    return (f"the {row['schedule']} checkpoint at {short_tokens(row['tokens'])} tokens ({row['checkpoint']}{across}) "
+            f"at LR {row['lr']:g}")
 
 
 def describe_inflections(found: pd.DataFrame, column: str | None = None, label: str | None = None) -> str:
@@ -509,16 +616,76 @@ def describe_trends(trends: pd.DataFrame, hue: str | None) -> str:
     parts = []
     for row in trends.itertuples():
         name = row.schedule + (f", {hue} {getattr(row, hue):g}" if hue else "")
-        interval = "" if np.isnan(row.ci_low) else f" [{row.ci_low:.2f}, {row.ci_high:.2f}]"
-        parts.append(f"{name}: rho {row.rho:.2f}{interval}")
+        interval = "" if np.isnan(row.ci_low) else f" [{sig(row.ci_low, 2)}, {sig(row.ci_high, 2)}]"
+        parts.append(f"{name}: rho {sig(row.rho, 2)}{interval}")
     return "; ".join(parts)
 
 
 def _first_last(curve: pd.DataFrame, column: str) -> str:
     curve = curve.sort_values("tokens")
     first, last = curve.iloc[0], curve.iloc[-1]
-    return (f"{first[column]:.3f} at {short_tokens(first['tokens'])} to {last[column]:.3f} "
+    return (f"{sig(first[column])} at {short_tokens(first['tokens'])} to {sig(last[column])} "
             f"at {short_tokens(last['tokens'])} tokens")
+
+
+MAX_LISTED = 6  # points or pairs named in a sentence; the tables hold them all
+KIND_WORDS = {"pretrain": ("pre-training run", "pre-training runs"), "finetune": ("fine-tune", "fine-tunes")}
+
+
+def interval_scope(results: pd.DataFrame, second_level: str = "fine-tuning/noise seeds") -> str:
+    """What the intervals of a section cover, said in every section that shows intervals.
+
+    With one pre-training seed, every checkpoint of a schedule comes from one run: the
+    intervals cannot include that run's own luck, the largest source of noise.
+    """
+    seeds = tables.pretrain_seeds(results)
+    if len(seeds) >= 2:
+        return (f"Intervals count the {len(seeds)} pre-training seeds as the replicates, with the {second_level} "
+                "within each one level below.")
+    why = ("the checkpoints of one existing run" if (results["kind"] == "import").any()
+           else "one pre-training seed; add pretrain.seeds")
+    return f"Intervals cover {second_level} only, not the pre-training run's own luck ({why})."
+
+
+def diverged_note(summary: pd.DataFrame) -> str:
+    """' Contains 2 diverged runs (cosine at 4.1k tokens, LR 0.001: 1; ...): ...' for a figure's
+    summary table (its `diverged` column counts them per point), or '' when none diverged."""
+    counts = summary["diverged"].fillna(0).astype(int) if "diverged" in summary else pd.Series(dtype=int)
+    hit = summary[counts > 0]
+    if hit.empty:
+        return ""
+    named = "; ".join(f"{_point_name(row)}: {int(row['diverged'])}" for _, row in hit.head(MAX_LISTED).iterrows())
+    more = f"; {len(hit) - MAX_LISTED} more points" if len(hit) > MAX_LISTED else ""
+    total = int(hit["diverged"].sum())
+    return (f" Contains {total} diverged run{'s' if total > 1 else ''} ({named}{more}): no final value, so those "
+            "points average the seeds that finished (the table's diverged column counts them).")
+
+
+def _point_name(row: pd.Series) -> str:
+    parts = [str(row["schedule"])] if "schedule" in row else []
+    parts += [f"{short_tokens(row['tokens'])} tokens"] if "tokens" in row else []
+    parts += [f"{name} {row[column]:g}" for column, name in (("gamma", "gamma"), ("lr", "LR")) if column in row]
+    return ", ".join(parts)
+
+
+def describe_correlations(found: pd.DataFrame, label: str) -> str:
+    """Spearman rho per (task, LR) over its checkpoints, then what they say together."""
+    tested = found[found["rho"].notna()]
+    if tested.empty:
+        return f"Too few checkpoints, or no spread, to correlate {label} with forgetting in any (task, LR)."
+    named = "; ".join(f"{r.task}, LR {r.lr:g}: {sig(r.rho, 2)} (n = {r.n}, p = {sig(r.p_value, 2)})"
+                      for r in tested.head(MAX_LISTED).itertuples())
+    more = f"; {len(tested) - MAX_LISTED} more in the table" if len(tested) > MAX_LISTED else ""
+    words = f"Spearman rho of {label} with forgetting within each (task, LR), over its checkpoints: {named}{more}."
+    if len(tested) < 2:
+        return words
+    positive = int((tested["rho"] > 0).sum())
+    return (words + f" Median rho {sig(tested['rho'].median(), 2)}; positive in {positive} of {len(tested)} "
+            "(task, LR) pairs (they share their checkpoints, so they are not independent tests).")
+
+
+def _variant_name(variant: str) -> str:
+    return "plain fine-tuning" if variant == "none" else variant
 
 
 def file_stem(task: str) -> str:

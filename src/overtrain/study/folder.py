@@ -46,6 +46,11 @@ class ReportFolder:
     def tables(self) -> Path:
         return self.path / "tables"
 
+    @property
+    def recommendation(self) -> Path:
+        """The recommendation per task, as JSON (`recommend.Recommendation.to_json`)."""
+        return self.path / "recommendation.json"
+
     def table(self, name: str) -> Path:
         return self.tables / f"{name}.csv"
 

@@ -1,0 +1,115 @@
+"""Replicates of a curve, and how they are redrawn.
+
+A curve is one metric at several budgets. A study measures it in two levels of
+replicates (STATISTICS.md §1):
+
+1. pre-training seeds (`pretrain_seed`): independent pre-training runs. All
+   checkpoints of one run share its luck, so only these replicate a trend across
+   budgets;
+2. second-level seeds (`seed`): fine-tuning seeds, or the noise seeds of a probe,
+   inside each pre-training run.
+
+Seeds are paired across budgets (seed s draws the same noise, the same batch order,
+at every budget), so a curve is held as one array `values[p, s, b]` and every
+resample redraws seed ids jointly for all budgets (and for every curve drawn with
+the same generator state: candidates and learning rates stay paired too).
+"""
+
+from __future__ import annotations
+
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+PRETRAIN_SEED, SEED = "pretrain_seed", "seed"
+
+
+@dataclass(frozen=True)
+class Replicates:
+    """One curve's measurements: `values[p, s, b]` (NaN where a run is missing or diverged)."""
+
+    tokens: np.ndarray   # (B,) budgets, increasing
+    values: np.ndarray   # (P, S, B)
+    diverged: int = 0    # runs of this curve that diverged
+
+    @property
+    def pretrain_seeds(self) -> int:
+        return self.values.shape[0]
+
+    @property
+    def seeds(self) -> int:
+        return self.values.shape[1]
+
+    @property
+    def unit(self) -> str:
+        """What a replicate is in the tests: pre-training runs when there are several."""
+        return "pre-training seed" if self.pretrain_seeds >= 2 else "seed"
+
+    def units(self) -> np.ndarray:
+        """(U, B) replicate-by-budget values for the tests: each pre-training seed's mean over its
+        seeds when the study has several pre-training seeds, else the seeds of its one run.
+        Replicates missing a budget are dropped, so that every difference stays paired."""
+        matrix = np.nanmean(self.values, axis=1) if self.pretrain_seeds >= 2 else self.values[0]
+        return matrix[np.isfinite(matrix).all(axis=1)]
+
+    def means(self) -> np.ndarray:
+        """(B,) the curve: mean over seeds within each pre-training seed, then over pre-training seeds."""
+        with _quiet():
+            return np.nanmean(np.nanmean(self.values, axis=1), axis=0)
+
+
+def replicates(points: pd.DataFrame, value: str = "value") -> Replicates:
+    """The `Replicates` of a points table (tokens, value[, seed][, pretrain_seed][, diverged])."""
+    frame = points.assign(**{
+        PRETRAIN_SEED: _column(points, PRETRAIN_SEED), SEED: _column(points, SEED),
+        "_value": points[value].astype(float).where(~_diverged(points))})
+    tokens = np.sort(frame["tokens"].astype(float).unique())
+    pre, seeds = np.sort(frame[PRETRAIN_SEED].unique()), np.sort(frame[SEED].unique())
+    cells = frame.groupby([PRETRAIN_SEED, SEED, "tokens"])["_value"].mean()
+    index = pd.MultiIndex.from_product([pre, seeds, tokens], names=[PRETRAIN_SEED, SEED, "tokens"])
+    values = cells.reindex(index).to_numpy(dtype=float).reshape(len(pre), len(seeds), len(tokens))
+    return Replicates(tokens, values, int(_diverged(points).sum()))
+
+
+def stack(curves: list[Replicates]) -> np.ndarray:
+    """(K, P, S, B) values of curves measured on the same seeds and budgets (e.g. one per LR)."""
+    return np.stack([c.values for c in curves])
+
+
+def resampled_means(values: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.ndarray:
+    """Curve means under the hierarchical, paired bootstrap: (n_boot, ..., B) for values (..., P, S, B).
+
+    Pre-training seeds are drawn with replacement, then seeds with replacement within each
+    drawn pre-training seed; the same draw serves every budget and every leading index.
+    """
+    n_pre, n_seed = values.shape[-3], values.shape[-2]
+    pre = rng.integers(0, n_pre, size=(n_boot, n_pre))
+    seed = rng.integers(0, n_seed, size=(n_boot, n_pre, n_seed))
+    moved = np.moveaxis(values, (-3, -2), (0, 1))         # (P, S, ..., B)
+    drawn = moved[pre[:, :, None], seed]                  # (n_boot, P, S, ..., B)
+    with _quiet():
+        return np.nanmean(np.nanmean(drawn, axis=2), axis=1)
+
+
+def _column(points: pd.DataFrame, name: str) -> pd.Series:
+    """A seed column with NaN (a measurement with one replicate, or a store from before it) as 0."""
+    if name not in points:
+        return pd.Series(0, index=points.index)
+    return points[name].fillna(0).astype(int)
+
+
+def _diverged(points: pd.DataFrame) -> pd.Series:
+    if "diverged" not in points:
+        return pd.Series(False, index=points.index)
+    return points["diverged"].fillna(False).astype(bool)
+
+
+@contextmanager
+def _quiet():
+    """Means of all-NaN slices are NaN, without a warning: a missing run is data here."""
+    with warnings.catch_warnings(), np.errstate(invalid="ignore"):
+        warnings.simplefilter("ignore", RuntimeWarning)
+        yield
