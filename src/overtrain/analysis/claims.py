@@ -315,7 +315,11 @@ def tuned_lr_inflections(results: pd.DataFrame, n_boot: int, seed: int) -> Claim
             for name, metric, points, better in (("T_ft", report_metric, report, higher_is_better),
                                                  ("T_pre", "ood_bpb", ood, False)):
                 at = curves.tuned_points(points[points["schedule"] == schedule], lrs)
-                row = {"task": task, "schedule": schedule, "inflection": name, "metric": metric, **_u_row(at, better, n_boot, seed)}
+                row = {"task": task, "schedule": schedule, "inflection": name, "metric": metric, **_u_row(at, better)}
+                if n_boot and not row["untestable"]:  # the lowest point's interval, the LR chosen again per resample
+                    row["lowest_ci_low"], row["lowest_ci_high"] = curves.tuned_lowest_interval(
+                        choose[choose["schedule"] == schedule], points[points["schedule"] == schedule],
+                        higher_is_better, better, n_boot, seed)
                 if len(edge) and not row["untestable"]:
                     row |= {"untestable": f"tuned LR at the edge of the grid ({len(edge)} of {len(lrs)} budgets): "
                                           "the best LR may lie outside it", "p_value": np.nan}

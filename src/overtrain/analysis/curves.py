@@ -200,6 +200,24 @@ def at_grid_edge(tuned: pd.DataFrame, grid: list[float]) -> pd.DataFrame:
     return tuned[tuned["lr"].isin([min(grid), max(grid)])]
 
 
+def tuned_lowest_interval(choose: pd.DataFrame, target: pd.DataFrame, choose_higher_is_better: bool,
+                          target_higher_is_better: bool, n_boot: int = N_BOOT, seed: int = 0) -> tuple[float, float]:
+    """95% interval of the lowest point of `target` at the tuned LR, the LR chosen again on `choose`
+    (the validation metric) inside every resample, so the winner's luck is in the interval (STATISTICS §6).
+
+    Both tables hold one schedule and task, every LR; one draw of seeds serves every LR and both metrics."""
+    lrs = sorted(choose["lr"].unique())
+    both = pd.concat([choose, target])
+    values = np.stack([np.stack([replicates(frame[frame["lr"] == lr], like=both).values for lr in lrs])
+                       for frame in (choose, target)])                      # (2, L, P, S, B)
+    means = resampled_means(values, n_boot, np.random.default_rng(seed))     # (n_boot, 2, L, B)
+    chooser = means[:, 0] * (-1 if choose_higher_is_better else 1)
+    best = np.nanargmin(np.where(np.isfinite(chooser), chooser, np.inf), axis=1)   # (n_boot, B)
+    at_best = np.take_along_axis(means[:, 1], best[:, None, :], axis=1)[:, 0]      # (n_boot, B)
+    tokens = np.sort(both["tokens"].astype(float).unique())
+    return lowest_interval_of(tokens, at_best * (-1 if target_higher_is_better else 1))
+
+
 @dataclass(frozen=True)
 class LRTrend:
     slope: float  # d log(lr*) / d log(tokens)

@@ -168,13 +168,6 @@ def reporting_metric(id_metric: str) -> str:
 
 # -- from rows to seed means ------------------------------------------------------------
 
-def with_pretrain_seed(frame: pd.DataFrame) -> pd.DataFrame:
-    """Stores written before pre-training seeds existed hold one pre-training run: seed 0."""
-    if "pretrain_seed" not in frame:
-        return frame.assign(pretrain_seed=0)
-    return frame.assign(pretrain_seed=frame["pretrain_seed"].fillna(0))
-
-
 def evaluations(runs: pd.DataFrame, id_metric: str, reported_metric: str) -> pd.DataFrame:
     """One row per fine-tuning run and evaluation step > 0 with a validation task value:
     validation_value, value (reported), ood_bpb, forgetting_bpb (ood_bpb minus the run's step-0 ood_bpb)."""
@@ -363,7 +356,7 @@ CANDIDATE_COLUMNS = ["checkpoint", *CANDIDATE, "validation_value", "value", "ood
 def recommend(results: pd.DataFrame, task: str, constraint: Constraint = Constraint(), n_boot: int = 1000,
               seed: int = 0) -> Recommendation:
     """The candidate (checkpoint, LR, step) to fine-tune for `task` under `constraint`, and how sure."""
-    results = with_pretrain_seed(tables.plain(results))
+    results = tables.with_pretrain_seed(tables.plain(results))
     runs = results[(results["kind"] == "finetune") & (results["task"] == task)]
     id_metric, higher_is_better = id_metric_for(tables.finetune_final(runs))
     reported = reporting_metric(id_metric) if reporting_metric(id_metric) in set(runs["metric"]) else id_metric

@@ -61,22 +61,22 @@ class Replicates:
             return np.nanmean(np.nanmean(self.values, axis=1), axis=0)
 
 
-def replicates(points: pd.DataFrame, value: str = "value") -> Replicates:
-    """The `Replicates` of a points table (tokens, value[, seed][, pretrain_seed][, diverged])."""
+def replicates(points: pd.DataFrame, value: str = "value", like: pd.DataFrame | None = None) -> Replicates:
+    """The `Replicates` of a points table (tokens, value[, seed][, pretrain_seed][, diverged]).
+
+    like: a larger points table whose seeds and budgets set the array's shape, so that curves
+    cut from it (one per LR, say) stack and stay paired."""
     frame = points.assign(**{
         PRETRAIN_SEED: _column(points, PRETRAIN_SEED), SEED: _column(points, SEED),
         "_value": points[value].astype(float).where(~_diverged(points))})
-    tokens = np.sort(frame["tokens"].astype(float).unique())
-    pre, seeds = np.sort(frame[PRETRAIN_SEED].unique()), np.sort(frame[SEED].unique())
+    shape = frame if like is None else like.assign(**{PRETRAIN_SEED: _column(like, PRETRAIN_SEED),
+                                                      SEED: _column(like, SEED)})
+    tokens = np.sort(shape["tokens"].astype(float).unique())
+    pre, seeds = np.sort(shape[PRETRAIN_SEED].unique()), np.sort(shape[SEED].unique())
     cells = frame.groupby([PRETRAIN_SEED, SEED, "tokens"])["_value"].mean()
     index = pd.MultiIndex.from_product([pre, seeds, tokens], names=[PRETRAIN_SEED, SEED, "tokens"])
     values = cells.reindex(index).to_numpy(dtype=float).reshape(len(pre), len(seeds), len(tokens))
     return Replicates(tokens, values, int(_diverged(points).sum()))
-
-
-def stack(curves: list[Replicates]) -> np.ndarray:
-    """(K, P, S, B) values of curves measured on the same seeds and budgets (e.g. one per LR)."""
-    return np.stack([c.values for c in curves])
 
 
 def resampled_means(values: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.ndarray:

@@ -27,7 +27,7 @@ from scipy import stats
 from overtrain.analysis import curves, page, plots, tables
 from overtrain.analysis.page import Figure, Section, Table, sig
 from overtrain.analysis.page import short_tokens
-from overtrain.analysis.recommend import Constraint, Recommendation, id_metric_for, recommend
+from overtrain.analysis.recommend import Constraint, Recommendation, id_metric_for, recommend, reporting_metric
 from overtrain.errors import SpecError
 from overtrain.probes import metrics
 from overtrain.study.folder import ReportFolder, RunFolder
@@ -286,9 +286,13 @@ class Report:
 
     def tuned_lr(self, task: str) -> Section:
         id_metric, higher_is_better = self.task_metrics[task]
-        task_metric = _task(tables.final_points(self.results, id_metric), task)
+        choose = _task(tables.final_points(self.results, id_metric), task)  # the validation part chooses the LR
+        shown_metric = reporting_metric(id_metric)
+        task_metric = _task(tables.final_points(self.results, shown_metric), task)  # the test part reports it
+        if task_metric.empty:  # a store from before the test part
+            shown_metric, task_metric = id_metric, choose
         ood = _task(tables.final_points(self.results, "ood_bpb"), task)
-        tuned = curves.tuned_lr(task_metric, higher_is_better)
+        tuned = curves.tuned_lr(choose, higher_is_better)
         id_at, ood_at = curves.tuned_points(task_metric, tuned), curves.tuned_points(ood, tuned)
         by = ["schedule", "decayed", "tokens"]
         id_table, ood_table = tables.mean_with_ci(id_at, by), tables.mean_with_ci(ood_at, by)
@@ -297,7 +301,7 @@ class Report:
         trends = pd.DataFrame([{"schedule": s, **curves.lr_trend(rows).__dict__} for s, rows in tuned.groupby("schedule")])
         grid = sorted(tables.finetune_final(self.results)["lr"].dropna().unique())
         figures = [
-            Figure(plots.tuned_figure(id_table, ood_table, f"{metrics.label(id_metric)} after fine-tuning", found,
+            Figure(plots.tuned_figure(id_table, ood_table, f"{metrics.label(shown_metric)} after fine-tuning", found,
                                       f"{task} at the tuned LR (best task result per checkpoint)",
                                       self.out / f"tuned_lr_{file_stem(task)}.png"),
                    f"At each checkpoint's ID-optimal LR. T_ft: {describe_inflections(found['id'])}. "
@@ -313,8 +317,9 @@ class Report:
         figures += self.matched_loss(task, section_tables)
         figures += self.benchmarks(task, tuned, section_tables)
         return Section(f"Fine-tuning on {task} at the tuned LR", [
-            "In practice the LR is tuned per checkpoint for the task. The LR is picked on the mean over seeds; "
-            "bands are 95% intervals over seeds at that LR. Trend rule: |slope| < 0.1 constant, "
+            f"In practice the LR is tuned per checkpoint for the task. The LR is picked on the mean over seeds of "
+            f"{metrics.label(id_metric)} (the validation part of the task's held-out examples) and the task result is "
+            f"shown on the test part ({metrics.label(shown_metric)}); bands are 95% intervals over seeds at that LR. Trend rule: |slope| < 0.1 constant, "
             "slope between -0.5 and -0.1 slowly decreasing, steeper quickly decreasing. "
             + interval_scope(self.results, "fine-tuning seeds")], figures, section_tables)
 
@@ -602,8 +607,9 @@ def describe_inflections(found: pd.DataFrame, column: str | None = None, label: 
     for row in found.itertuples():
         name = row.schedule + (f", {label or column} {getattr(row, column):g}" if column else "")
         if row.found:
-            found_parts.append(f"{name}: after ~{short_tokens(row.tokens)} tokens "
-                               f"(95% {short_tokens(row.ci_low)}-{short_tokens(row.ci_high)})")
+            found_parts.append(f"{name}: after ~{short_tokens(row.tokens)} tokens (between the budgets "
+                               f"{short_tokens(row.bracket_low)} and {short_tokens(row.bracket_high)}; 95% "
+                               f"{short_tokens(row.ci_low)}-{short_tokens(row.ci_high)}; U test p = {sig(row.p_value, 2)})")
         else:
             missing.setdefault(row.note.split(": ", 1)[-1], []).append(name)
     # Curves without an inflection share a few reasons: say each reason once.
