@@ -93,3 +93,16 @@ def test_a_failing_cell_is_recorded_the_study_goes_on_and_retry_reruns_it(copy_o
     assert set(study_status(copy_of_run)["status"]) == {"done"}  # ...until asked
     log = RunFolder(copy_of_run).log(failed["key"].iloc[0]).read_text()
     assert log.count("\n== ") + log.startswith("== ") == 2  # both attempts are in the log
+
+
+def test_thin_data_gives_not_testable_verdicts_and_a_report_not_a_crash(finished_run, tmp_path):
+    """Two budgets and one fine-tuning seed: every claim says why it cannot be tested."""
+    from overtrain.analysis.claims import check_claims
+    from overtrain.analysis.reproduction import write_reproduction
+    from overtrain.study.store import load_results
+
+    verdicts = {c.number: (c.verdict, c.reason) for c in check_claims(load_results(finished_run), n_boot=50)}
+    assert {verdict for verdict, _ in verdicts.values()} == {"not testable"}, verdicts
+    assert "2 budgets" in verdicts[3][1] and "decayed" not in verdicts[3][1]
+    page = write_reproduction(finished_run, tmp_path / "REPRODUCTION.md", n_boot=50).read_text()
+    assert page.count("**Not testable.**") == 5

@@ -69,8 +69,10 @@ def check_claims(results: pd.DataFrame, n_boot: int = curves.N_BOOT, seed: int =
     """Every claim on `results`. intervals=False skips the bootstrap of locations (verdicts unchanged)."""
     results = tables.plain(results)
     n_boot = n_boot if intervals else 0
+    final = tables.finetune_final(results)  # read by three claims: made once
     return [progressive_sensitivity(results), perturbation_u(results, n_boot, seed),
-            finetuning_u(results, n_boot, seed), decay_forgets_more(results), tuned_lr_inflections(results, n_boot, seed)]
+            finetuning_u(results, n_boot, seed, final), decay_forgets_more(results, final),
+            tuned_lr_inflections(results, n_boot, seed, final)]
 
 
 # -- shared: a family of curves, Holm over it -------------------------------------------
@@ -206,10 +208,10 @@ def _moves_earlier(group: pd.DataFrame) -> bool:
 
 # -- 3 ------------------------------------------------------------------------------------
 
-def finetuning_u(results: pd.DataFrame, n_boot: int, seed: int) -> Claim:
+def finetuning_u(results: pd.DataFrame, n_boot: int, seed: int, final: pd.DataFrame | None = None) -> Claim:
     title = ("U-shape after fine-tuning at a fixed LR: past some budget, pre-training longer leaves a worse model "
              "after fine-tuning")
-    ood = tables.final_points(results, "ood_bpb")
+    ood = tables.final_points(results, "ood_bpb", final)
     if ood.empty:
         return _not_testable(3, title, "rise (bpb)", "no fine-tuning in this run")
     rows = [{"schedule": schedule, "task": task, "lr": lr, **_u_row(points, n_boot=n_boot, seed=seed)}
@@ -220,10 +222,10 @@ def finetuning_u(results: pd.DataFrame, n_boot: int, seed: int) -> Claim:
 
 # -- 4 ------------------------------------------------------------------------------------
 
-def decay_forgets_more(results: pd.DataFrame) -> Claim:
+def decay_forgets_more(results: pd.DataFrame, final: pd.DataFrame | None = None) -> Claim:
     title = "Schedules: at equal tokens, checkpoints that ended in a learning-rate decay forget more when fine-tuned"
     label = "decayed minus constant-LR forgetting, mean over budgets, tasks and LRs (bpb)"
-    forgetting = tables.forgetting_points(results)
+    forgetting = tables.forgetting_points(results, final)
     if forgetting.empty or forgetting["decayed"].nunique() < 2:
         return _not_testable(4, title, label, "needs decayed and constant-LR checkpoints at the same budgets, fine-tuned")
     pairs = _decayed_vs_constant(forgetting)
@@ -292,22 +294,22 @@ def _describe_sharpness(table: pd.DataFrame) -> str:
 
 # -- 5 ------------------------------------------------------------------------------------
 
-def tuned_lr_inflections(results: pd.DataFrame, n_boot: int, seed: int) -> Claim:
+def tuned_lr_inflections(results: pd.DataFrame, n_boot: int, seed: int, final: pd.DataFrame | None = None) -> Claim:
     title = ("Tuned LR: even at each checkpoint's best LR, task (T_ft) or pre-training (T_pre) performance "
              "degrades past some budget")
-    final = tables.finetune_final(results)
+    final = tables.finetune_final(results) if final is None else final
     if final.empty:
         return _not_testable(5, title, "rise (bpb)", "no fine-tuning in this run")
     grid = sorted(final["lr"].dropna().unique())
     rows, paths = [], []
     for task in sorted(final["task"].dropna().unique()):
         id_metric, higher_is_better = id_metric_for(final[final["task"] == task])
-        choose = tables.final_points(results, id_metric).query("task == @task")
+        choose = tables.final_points(results, id_metric, final).query("task == @task")
         report_metric = reporting_metric(id_metric)
-        report = tables.final_points(results, report_metric).query("task == @task")
+        report = tables.final_points(results, report_metric, final).query("task == @task")
         if report.empty:  # a store from before the test part: the choice is reported where it was made
             report_metric, report = id_metric, choose
-        ood = tables.final_points(results, "ood_bpb").query("task == @task")
+        ood = tables.final_points(results, "ood_bpb", final).query("task == @task")
         tuned = curves.tuned_lr(choose, higher_is_better)
         for schedule, lrs in tuned.groupby("schedule"):
             edge = curves.at_grid_edge(lrs, grid)

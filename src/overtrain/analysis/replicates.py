@@ -66,17 +66,23 @@ def replicates(points: pd.DataFrame, value: str = "value", like: pd.DataFrame | 
 
     like: a larger points table whose seeds and budgets set the array's shape, so that curves
     cut from it (one per LR, say) stack and stay paired."""
-    frame = points.assign(**{
-        PRETRAIN_SEED: _column(points, PRETRAIN_SEED), SEED: _column(points, SEED),
-        "_value": points[value].astype(float).where(~_diverged(points))})
-    shape = frame if like is None else like.assign(**{PRETRAIN_SEED: _column(like, PRETRAIN_SEED),
-                                                      SEED: _column(like, SEED)})
-    tokens = np.sort(shape["tokens"].astype(float).unique())
-    pre, seeds = np.sort(shape[PRETRAIN_SEED].unique()), np.sort(shape[SEED].unique())
-    cells = frame.groupby([PRETRAIN_SEED, SEED, "tokens"])["_value"].mean()
-    index = pd.MultiIndex.from_product([pre, seeds, tokens], names=[PRETRAIN_SEED, SEED, "tokens"])
-    values = cells.reindex(index).to_numpy(dtype=float).reshape(len(pre), len(seeds), len(tokens))
-    return Replicates(tokens, values, int(_diverged(points).sum()))
+    shape = points if like is None else like
+    pre_ids, seed_ids, budgets = (np.sort(_column(shape, PRETRAIN_SEED).unique()), np.sort(_column(shape, SEED).unique()),
+                                  np.sort(shape["tokens"].astype(float).unique()))
+    where = (np.searchsorted(pre_ids, _column(points, PRETRAIN_SEED).to_numpy()),
+             np.searchsorted(seed_ids, _column(points, SEED).to_numpy()),
+             np.searchsorted(budgets, points["tokens"].astype(float).to_numpy()))
+    measured = points[value].to_numpy(dtype=float)
+    measured = np.where(_diverged(points).to_numpy(), np.nan, measured)
+    # The mean of the rows of each (pre-training seed, seed, budget): one row each, in a real run.
+    shape_of = (len(pre_ids), len(seed_ids), len(budgets))
+    sums, counts = np.zeros(shape_of), np.zeros(shape_of)
+    finite = np.isfinite(measured)
+    np.add.at(sums, tuple(w[finite] for w in where), measured[finite])
+    np.add.at(counts, tuple(w[finite] for w in where), 1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        values = np.where(counts > 0, sums / counts, np.nan)
+    return Replicates(budgets, values, int(_diverged(points).sum()))
 
 
 def resampled_means(values: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.ndarray:

@@ -124,12 +124,14 @@ def u_shape(units: np.ndarray) -> UShape:
     means = units.mean(axis=0)
     n_budgets = len(means)
     lowest = int(np.argmin(means))
-    p_values = []
-    for b in range(1, n_budgets - 1):
-        falls = within_curve(units, _difference(n_budgets, 0, b))      # first minus b > 0
-        rises = within_curve(units, _difference(n_budgets, -1, b))     # last minus b > 0
-        p_values.append(max(falls.p_value, rises.p_value))
-    p_value = min(1.0, (n_budgets - 2) * min(p_values)) if p_values else np.nan
+    sd, df = residual_sd(units)
+    # Every difference of two budget means has the same standard error.
+    se = sd * np.sqrt(2 / units.shape[0])
+    interior = means[1:-1]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        falls = stats.t.sf((means[0] - interior) / se, df)    # first minus b > 0
+        rises = stats.t.sf((means[-1] - interior) / se, df)   # last minus b > 0
+    p_value = min(1.0, (n_budgets - 2) * float(np.maximum(falls, rises).min())) if len(interior) else np.nan
     return UShape(p_value, lowest, within_curve(units, _difference(n_budgets, -1, lowest)))
 
 

@@ -159,9 +159,11 @@ def finetune_start(results: pd.DataFrame) -> pd.DataFrame:
     return start.drop_duplicates(_one_row_per_metric(start)).reset_index(drop=True)
 
 
-def final_points(results: pd.DataFrame, metric: str) -> pd.DataFrame:
-    """One final fine-tuning metric: one row per checkpoint, task, LR and seed; diverged runs NaN."""
-    final = finetune_final(results)
+def final_points(results: pd.DataFrame, metric: str, final: pd.DataFrame | None = None) -> pd.DataFrame:
+    """One final fine-tuning metric: one row per checkpoint, task, LR and seed; diverged runs NaN.
+
+    final: `finetune_final(results)`, when the caller has it already (it is the slow part)."""
+    final = finetune_final(results) if final is None else final
     rows = final[final["metric"] == metric]
     return rows[[*RUN_COLUMNS, "value", "diverged"]].reset_index(drop=True)
 
@@ -196,11 +198,11 @@ def diverged_runs(results: pd.DataFrame) -> pd.DataFrame:
     return rows.reindex(columns=columns).rename(columns={"value": "diverged_at_step"}).reset_index(drop=True)
 
 
-def forgetting_points(results: pd.DataFrame) -> pd.DataFrame:
+def forgetting_points(results: pd.DataFrame, final: pd.DataFrame | None = None) -> pd.DataFrame:
     """Per fine-tuning run: the rise of held-out pre-training bpb from step 0 to the end (NaN if diverged)."""
     start = finetune_start(results)
     start = start[start["metric"] == "ood_bpb"].drop_duplicates("cell").set_index("cell")["value"]
-    final = finetune_final(results)
+    final = finetune_final(results) if final is None else final
     final = final[final["metric"] == "ood_bpb"]
     final = final.assign(forgetting_bpb=final["value"] - final["cell"].map(start).astype(float))
     return final[["cell", *RUN_COLUMNS, "forgetting_bpb", "diverged"]].reset_index(drop=True)
