@@ -153,7 +153,7 @@ def test_one_pretraining_seed_leaves_that_level_at_zero_and_says_so():
     assert set(measured.pretrain.values()) == {0.0}
     assert any("one pre-training seed" in note for note in measured.notes)
     without_probes = power.measure_noise(frame[frame["kind"] != "probe"], "a run")
-    assert without_probes.probe_sd(0.5) == power.PROBE_NOISE_BPB and any("probe: default" in n for n in without_probes.notes)
+    assert without_probes.probe_sd(0.5) == power.PROBE_NOISE_BPB[0.5] and any("probe: default" in n for n in without_probes.notes)
 
 
 def test_a_run_folder_gives_its_design_and_its_noise(tmp_path):
@@ -195,7 +195,7 @@ def test_json_gives_each_claims_rates(tmp_path):
         assert set(claim) == {"claim", "false_positive_rate", "power", "simulations"} and claim["simulations"] == 3
         assert 0 <= claim["false_positive_rate"] <= 1 and 0 <= claim["power"] <= 1
     assert found["design"]["tokens"] == [896, 2048, 3072, 4096, 6144]
-    assert found["noise"]["probe_bpb_by_gamma"] == {"0.5": power.PROBE_NOISE_BPB, "1": power.PROBE_NOISE_BPB}
+    assert found["noise"]["probe_bpb_by_gamma"] == {"0.5": power.PROBE_NOISE_BPB[0.5], "1": power.PROBE_NOISE_BPB[1.0]}
 
     text = invoke("power", write_study(tmp_path), "--simulations", 2)
     assert text.exit_code == 0 and "false_positive_rate" in text.stdout and "noise (bpb, one sd; defaults)" in text.stdout

@@ -80,7 +80,7 @@ def check_claims(results: pd.DataFrame, n_boot: int = curves.N_BOOT, seed: int =
 def _not_testable(number: int, title: str, label: str, reason: str, found: pd.DataFrame | None = None,
                   name: str = "") -> Claim:
     claim_tables = [(name, found)] if found is not None and len(found) else []
-    return Claim(number, title, NOT_TESTABLE, reason, label, finding=f"Not testable: {reason}.", tables=claim_tables)
+    return Claim(number, title, NOT_TESTABLE, reason, label, finding=f"{reason[0].upper()}{reason[1:]}.", tables=claim_tables)
 
 
 def _family(rows: list[dict]) -> pd.DataFrame:
