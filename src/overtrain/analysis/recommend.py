@@ -49,6 +49,7 @@ import pandas as pd
 
 from overtrain.analysis import tables
 from overtrain.analysis.page import sig
+from overtrain.analysis.replicates import SeedDraws, means_under
 from overtrain.errors import SpecError
 from overtrain.probes import metrics
 
@@ -215,27 +216,6 @@ class Seeds:
         return len(self.pretrain) * len(self.finetune)
 
 
-@dataclass(frozen=True)
-class SeedDraws:
-    """Seed positions of each resample: pretrain (resamples, P) and finetune (resamples, P, S)."""
-
-    pretrain: np.ndarray
-    finetune: np.ndarray
-
-    @classmethod
-    def identity(cls, seeds: Seeds) -> SeedDraws:
-        """Every seed once: the point estimate."""
-        n_pretrain, n_finetune = len(seeds.pretrain), len(seeds.finetune)
-        return cls(np.arange(n_pretrain)[None], np.broadcast_to(np.arange(n_finetune), (1, n_pretrain, n_finetune)))
-
-    @classmethod
-    def hierarchical(cls, seeds: Seeds, n_boot: int, rng: np.random.Generator) -> SeedDraws:
-        """Pre-training seeds with replacement, then fine-tuning seeds with replacement within each."""
-        n_pretrain, n_finetune = len(seeds.pretrain), len(seeds.finetune)
-        return cls(rng.integers(0, n_pretrain, size=(n_boot, n_pretrain)),
-                   rng.integers(0, n_finetune, size=(n_boot, n_pretrain, n_finetune)))
-
-
 def seed_cube(found: pd.DataFrame, column: str, keys: pd.DataFrame, seeds: Seeds) -> np.ndarray:
     """(candidates, pre-training seeds, fine-tuning seeds) values of `column`, NaN where not measured."""
     cube = np.full((len(keys), len(seeds.pretrain), len(seeds.finetune)), np.nan)
@@ -250,8 +230,7 @@ def seed_cube(found: pd.DataFrame, column: str, keys: pd.DataFrame, seeds: Seeds
 def seed_means(cube: np.ndarray, draws: SeedDraws) -> np.ndarray:
     """(resamples, candidates): the mean over the drawn fine-tuning seeds within each drawn
     pre-training seed, then over the drawn pre-training seeds."""
-    values = cube[:, draws.pretrain[:, :, None], draws.finetune]
-    return _mean_finite(_mean_finite(values, axis=-1), axis=-1).T
+    return means_under(cube[..., None], draws)[..., 0]
 
 
 def _mean_finite(values: np.ndarray, axis: int) -> np.ndarray:
@@ -329,7 +308,7 @@ def p_best(validation: np.ndarray, ood: np.ndarray, base: BaseBpb, eligible: np.
     validation and ood are seed cubes. NaN with one seed overall."""
     if seeds.count < 2:
         return np.full(len(eligible), np.nan)
-    draws = SeedDraws.hierarchical(seeds, n_boot, np.random.default_rng(seed))
+    draws = SeedDraws.hierarchical(len(seeds.pretrain), len(seeds.finetune), n_boot, np.random.default_rng(seed))
     val, bpb = seed_means(validation, draws), seed_means(ood, draws)
     top = preference(val, bpb, eligible, constraint.limits(base.best(draws)), higher_is_better)[:, 0]
     drawn = np.arange(n_boot)
@@ -364,7 +343,7 @@ def recommend(results: pd.DataFrame, task: str, constraint: Constraint = Constra
     keys, base = candidate_keys(found, runs), BaseBpb.of(results, runs, seeds)
     cubes = {column: seed_cube(found, column, keys, seeds)
              for column in ("validation_value", "value", "ood_bpb", "forgetting_bpb")}
-    point = SeedDraws.identity(seeds)
+    point = SeedDraws.identity(len(seeds.pretrain), len(seeds.finetune))
     limit = float(constraint.limits(base.best(point))[0])
 
     table = keys.assign(**{column: seed_means(cube, point)[0] for column, cube in cubes.items()})

@@ -85,17 +85,37 @@ def replicates(points: pd.DataFrame, value: str = "value", like: pd.DataFrame | 
     return Replicates(budgets, values, int(_diverged(points).sum()))
 
 
-def resampled_means(values: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.ndarray:
-    """Curve means under the hierarchical, paired bootstrap: (n_boot, ..., B) for values (..., P, S, B).
+@dataclass(frozen=True)
+class SeedDraws:
+    """Which seeds each resample takes: positions of pre-training seeds (resamples, P) and, within
+    each drawn one, of second-level seeds (resamples, P, S). One draw serves everything resampled
+    with it, so that budgets, LRs and candidates stay paired."""
 
-    Pre-training seeds are drawn with replacement, then seeds with replacement within each
-    drawn pre-training seed; the same draw serves every budget and every leading index.
-    """
-    n_pre, n_seed = values.shape[-3], values.shape[-2]
-    pre = rng.integers(0, n_pre, size=(n_boot, n_pre))
-    seed = rng.integers(0, n_seed, size=(n_boot, n_pre, n_seed))
-    moved = np.moveaxis(values, (-3, -2), (0, 1))         # (P, S, ..., B)
-    drawn = moved[pre[:, :, None], seed]                  # (n_boot, P, S, ..., B)
+    pretrain: np.ndarray
+    seed: np.ndarray
+
+    @classmethod
+    def identity(cls, n_pretrain: int, n_seed: int) -> SeedDraws:
+        """Every seed once: the point estimate, as one resample."""
+        return cls(np.arange(n_pretrain)[None], np.broadcast_to(np.arange(n_seed), (1, n_pretrain, n_seed)))
+
+    @classmethod
+    def hierarchical(cls, n_pretrain: int, n_seed: int, n_boot: int, rng: np.random.Generator) -> SeedDraws:
+        """Pre-training seeds with replacement, then seeds with replacement within each drawn one."""
+        return cls(rng.integers(0, n_pretrain, size=(n_boot, n_pretrain)),
+                   rng.integers(0, n_seed, size=(n_boot, n_pretrain, n_seed)))
+
+
+def resampled_means(values: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.ndarray:
+    """Curve means under the hierarchical, paired bootstrap: (n_boot, ..., B) for values (..., P, S, B)."""
+    return means_under(values, SeedDraws.hierarchical(values.shape[-3], values.shape[-2], n_boot, rng))
+
+
+def means_under(values: np.ndarray, draws: SeedDraws) -> np.ndarray:
+    """(resamples, ..., B) means of values (..., P, S, B) over the drawn seeds: within each drawn
+    pre-training seed first, then over them (missing runs, NaN, left out)."""
+    moved = np.moveaxis(values, (-3, -2), (0, 1))                # (P, S, ..., B)
+    drawn = moved[draws.pretrain[:, :, None], draws.seed]        # (resamples, P, S, ..., B)
     with _quiet():
         return np.nanmean(np.nanmean(drawn, axis=2), axis=1)
 
