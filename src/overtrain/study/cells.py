@@ -200,9 +200,10 @@ def run_finetune(cell: Cell, key: str, ctx: StudyContext) -> list[dict]:
                    evaluate=evaluate, evaluate_every=cfg["eval_every"], description=cell.label)
     if "lora" in mitigation:
         model = trained.merge_and_unload()  # plain weights again, for the measures below
-    after = {"step": result.steps_done, **capabilities(model)}
+    # Diverged weights are not a result to measure: the run's divergence row says what happened.
+    after = [] if result.diverged else [{"step": result.steps_done, **capabilities(model)}]
     rows = [{"step": ev["step"], "metric": name, "value": value}
-            for ev in [before, *result.evaluations, after] for name, value in ev.items() if name != "step"]
+            for ev in [before, *result.evaluations, *after] for name, value in ev.items() if name != "step"]
     if cfg["along_update"] and not result.diverged:
         base, _ = load_checkpoint(folder, device=ctx.device)
         rows += [{"step": result.steps_done, **row}
@@ -211,7 +212,7 @@ def run_finetune(cell: Cell, key: str, ctx: StudyContext) -> list[dict]:
         rows.append({"metric": "diverged_at_step", "value": result.diverged_at_step})
     rows.append({"metric": "train_loss_nats", "step": result.steps_done, "value": result.last_loss})
     rows = [{**columns, **row} for row in rows]
-    for alpha in cfg["wise"]:
+    for alpha in cfg["wise"]:  # measured even when diverged: the variant is then diverged too, and shown so
         with interpolated(model, pretrained, alpha):
             measured = {**evaluate(model), **capabilities(model)}
         rows += [{**columns, "mitigation": f"wise={alpha:g}", "step": result.steps_done, "metric": name, "value": value}
