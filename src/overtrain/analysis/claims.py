@@ -305,10 +305,8 @@ def tuned_lr_inflections(results: pd.DataFrame, n_boot: int, seed: int, final: p
     for task in sorted(final["task"].dropna().unique()):
         id_metric, higher_is_better = id_metric_for(final[final["task"] == task])
         choose = tables.final_points(results, id_metric, final).query("task == @task")
-        report_metric = reporting_metric(id_metric)
+        report_metric = reporting_metric(id_metric, set(final["metric"]))  # the test part, where measured
         report = tables.final_points(results, report_metric, final).query("task == @task")
-        if report.empty:  # a store from before the test part: the choice is reported where it was made
-            report_metric, report = id_metric, choose
         ood = tables.final_points(results, "ood_bpb", final).query("task == @task")
         tuned = curves.tuned_lr(choose, higher_is_better)
         for schedule, lrs in tuned.groupby("schedule"):

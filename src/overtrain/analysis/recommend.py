@@ -162,9 +162,11 @@ def id_metric_for(final: pd.DataFrame) -> tuple[str, bool]:
     return name, metrics.higher_is_better(name)
 
 
-def reporting_metric(id_metric: str) -> str:
-    """The test-half twin of a validation metric, which reports the choice: id_bpb -> id_test_bpb."""
-    return "id_test_" + id_metric.removeprefix("id_")
+def reporting_metric(id_metric: str, measured: set[str]) -> str:
+    """The metric that reports a choice made on `id_metric`: its test-half twin (id_bpb -> id_test_bpb)
+    where `measured` holds it, else, in a store from before the split, `id_metric` itself."""
+    twin = "id_test_" + id_metric.removeprefix("id_")
+    return twin if twin in measured else id_metric
 
 
 # -- from rows to seed means ------------------------------------------------------------
@@ -338,7 +340,7 @@ def recommend(results: pd.DataFrame, task: str, constraint: Constraint = Constra
     results = tables.with_pretrain_seed(tables.plain(results))
     runs = results[(results["kind"] == "finetune") & (results["task"] == task)]
     id_metric, higher_is_better = id_metric_for(tables.finetune_final(runs))
-    reported = reporting_metric(id_metric) if reporting_metric(id_metric) in set(runs["metric"]) else id_metric
+    reported = reporting_metric(id_metric, set(runs["metric"]))
     found, seeds = evaluations(runs, id_metric, reported), Seeds.of(tables.finetune_runs(runs))
     keys, base = candidate_keys(found, runs), BaseBpb.of(results, runs, seeds)
     cubes = {column: seed_cube(found, column, keys, seeds)

@@ -287,10 +287,8 @@ class Report:
     def tuned_lr(self, task: str) -> Section:
         id_metric, higher_is_better = self.task_metrics[task]
         choose = _task(tables.final_points(self.results, id_metric), task)  # the validation part chooses the LR
-        shown_metric = reporting_metric(id_metric)
+        shown_metric = reporting_metric(id_metric, tables.finetune_metrics_present(self.results))
         task_metric = _task(tables.final_points(self.results, shown_metric), task)  # the test part reports it
-        if task_metric.empty:  # a store from before the test part
-            shown_metric, task_metric = id_metric, choose
         ood = _task(tables.final_points(self.results, "ood_bpb"), task)
         tuned = curves.tuned_lr(choose, higher_is_better)
         id_at, ood_at = curves.tuned_points(task_metric, tuned), curves.tuned_points(ood, tuned)

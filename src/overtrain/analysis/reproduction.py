@@ -19,7 +19,7 @@ import pandas as pd
 from overtrain.analysis import curves, page, tables
 from overtrain.analysis.claims import Claim, check_claims
 from overtrain.analysis.page import Section, Table
-from overtrain.analysis.report import Report, study_settings
+from overtrain.analysis.report import Report, interval_scope, study_settings
 from overtrain.study.folder import RunFolder
 from overtrain.study.store import load_results, study_status
 
@@ -50,7 +50,8 @@ def _page(study: dict, run_dir: Path, results: pd.DataFrame, cells: pd.DataFrame
         columns=["claim", "verdict", "effect [95% interval]", "why not testable"])
     rules = (f"Each verdict is holds, does not hold, or not testable with its reason; a claim read from several curves "
              f"holds when one passes after Holm's correction over all of them; every test is one-sided at 2.5%, "
-             f"calibrated by `overtrain power` (docs/REPORT.md). {replication_note(results)}")
+             f"calibrated by `overtrain power` (docs/REPORT.md). "
+             f"{interval_scope(results, 'fine-tuning and noise seeds')} The tests count the same replicates.")
     page_sections = [Section("Verdicts", [rules], text_tables=[Table("", verdicts)])]
     page_sections += [Section(f"{c.number}. {c.title}", [f"**{c.verdict.capitalize()}.** {c.finding}"],
                               text_tables=[Table(f"Table `{name}`:", table) for name, table in c.tables])
@@ -58,14 +59,6 @@ def _page(study: dict, run_dir: Path, results: pd.DataFrame, cells: pd.DataFrame
     page_sections.append(Section("Figures", subsections=[Section(s.title, figures=s.figures) for s in sections]))
     settings = study_settings(study) + _run_facts(results, cells, study)
     return page.to_markdown(f"Reproduction: {study['name']}", settings, page_sections, intro=[intro], page_dir=page_dir)
-
-
-def replication_note(results: pd.DataFrame) -> str:
-    """What the tests count as a replicate in this run, in one sentence."""
-    if len(tables.pretrain_seeds(results)) >= 2:
-        return "Replicates are the independent pre-training runs (`pretrain.seeds`)."
-    return ("This run has one pre-training run per schedule: replicates are its fine-tuning and noise seeds, so "
-            "intervals and tests cover those only, not the pre-training run's own luck (add `pretrain.seeds`).")
 
 
 def _run_facts(results: pd.DataFrame, cells: pd.DataFrame, study: dict) -> list[tuple[str, str]]:
