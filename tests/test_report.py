@@ -271,3 +271,13 @@ def test_words_and_tables_carry_three_significant_figures(diverged_report):
     decimals = re.findall(r"\d[\d,]*\.\d+", summary)
     figures = {number: len(number.replace(",", "").replace(".", "").lstrip("0")) for number in decimals}
     assert decimals and max(figures.values()) <= 3, {n: f for n, f in figures.items() if f > 3}
+
+
+def test_a_tuned_lr_at_an_end_of_the_grid_is_called_a_bound():
+    import pandas as pd
+
+    from overtrain.analysis.report import grid_edge_note
+
+    tuned = pd.DataFrame({"tokens": [1, 2, 3], "lr": [1e-3, 3e-3, 1e-2]})
+    assert grid_edge_note(tuned, [1e-3, 3e-3, 1e-2]).startswith(" At 2 of 3 budgets the tuned LR is at an end")
+    assert grid_edge_note(tuned[tuned["lr"] == 3e-3], [1e-3, 3e-3, 1e-2]) == ""

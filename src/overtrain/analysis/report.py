@@ -307,7 +307,7 @@ class Report:
             Figure(plots.lr_trend_figure(tuned, grid, f"ID-optimal LR on {task}", self.out / f"tuned_lr_trend_{file_stem(task)}.png"),
                    "The LR with the best task result, by tokens (grey lines: the LR grid). Trend of log LR* against "
                    "log tokens: " + "; ".join(f"{r.schedule}: {r.trend} (slope {sig(r.slope, 2, plus=True)})"
-                                              for r in trends.itertuples()) + "."),
+                                              for r in trends.itertuples()) + "." + grid_edge_note(tuned, grid)),
         ]
         section_tables = [(f"tuned_lr_{file_stem(task)}", tuned), (f"tuned_lr_id_{file_stem(task)}", id_table),
                           (f"tuned_lr_ood_{file_stem(task)}", ood_table), (f"tuned_lr_trend_{file_stem(task)}", trends),
@@ -649,6 +649,15 @@ def interval_scope(results: pd.DataFrame, second_level: str = "fine-tuning/noise
     why = ("the checkpoints of one existing run" if (results["kind"] == "import").any()
            else "one pre-training seed; add pretrain.seeds")
     return f"Intervals cover {second_level} only, not the pre-training run's own luck ({why})."
+
+
+def grid_edge_note(tuned: pd.DataFrame, grid: list[float]) -> str:
+    """A tuned LR at an end of the grid is a bound, not an optimum (STATISTICS §6): say where."""
+    edge = curves.at_grid_edge(tuned, grid)
+    if edge.empty:
+        return ""
+    return (f" At {len(edge)} of {len(tuned)} budgets the tuned LR is at an end of the grid: the best LR may lie "
+            "outside it, so there the trend is bounded by the grid, not measured.")
 
 
 def diverged_note(summary: pd.DataFrame) -> str:
