@@ -109,7 +109,7 @@ def test_audit_of_a_series_side_by_side_with_a_verdict_each(tiny_model, byte_cor
 
     result = CliRunner().invoke(app, ["audit", str(tmp_path / "ckpts" / "step*"), "--task", "math", "--lrs", "1e-4,1e-1",
                                       "--steps", "2", "--gammas", "0.5", "--benchmark-limit", "4",
-                                      "--out", str(tmp_path / "audit")])
+                                      "--tokens-per-step", str(8 * 64), "--out", str(tmp_path / "audit")])
     assert result.exit_code == 0, result.output
     table = pd.read_csv(tmp_path / "audit" / "series.csv", index_col=0)
     assert list(table.columns) == ["step15", "step30"]  # the repeat is not a third column
@@ -123,7 +123,7 @@ def test_audit_of_a_series_side_by_side_with_a_verdict_each(tiny_model, byte_cor
         line = next(line for line in page.splitlines() if line.startswith(f"- `{name}`"))
         assert f"**{expected}" in line, line
         assert (tmp_path / "audit" / name / "audit.md").exists()
-    assert "- `step45` (94,371,840 tokens): **duplicate weights**, identical to `step30`" in page
+    assert "- `step45` (23,040 tokens): **duplicate weights**, identical to `step30`" in page  # 45 steps of 8 x 64
     assert not (tmp_path / "audit" / "step45").exists()
 
 

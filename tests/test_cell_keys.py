@@ -75,6 +75,7 @@ EDITS: dict[str, tuple[object, frozenset[str] | tuple[frozenset[str], frozenset[
     "checkpoints.cache_dir": ("hub-cache", SERIES, "which checkpoints"),
     "checkpoints.gguf": (["model.gguf"], SERIES, "which checkpoints"),
     "checkpoints.tokens": ({"a": 3000}, SERIES, "the checkpoints' tokens"),
+    "checkpoints.tokens_per_step": (4096, SERIES, "the checkpoints' tokens, from their steps"),
     "checkpoints.seq_len": (64, MEASURED, "the windows of held-out text and replay"),
     "eval.heldout_tokens": (1024, MEASURED, "held-out evaluation"),
     "eval.batch_size": (16, MEASURED, "held-out evaluation"),

@@ -10,7 +10,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from overtrain.data.benchmarks import BENCHMARKS, MCItem, load_benchmark
-from overtrain.probes.scoring import encode_request, evaluate_mc, evaluate_with_lm_eval, loglikelihoods
+from overtrain.probes.scoring import encode_request, evaluate_mc, loglikelihoods
 from overtrain.runtime.hashing import weights_sha256
 
 EXPECTED_COUNTS = {"arc_easy": 2376, "arc_challenge": 1172, "piqa": 1838, "hellaswag": 10042, "sciq": 1000, "winogrande": 1267}
@@ -115,13 +115,3 @@ def test_weights_hash_follows_the_weights(tokenizer):
     with torch.no_grad():
         same.model.norm.weight[0] += 1e-3
     assert weights_sha256(model) != weights_sha256(same)
-
-
-def test_lm_eval_backend(tokenizer):
-    pytest.importorskip("lm_eval")
-    model = tiny_llama(len(tokenizer))
-    try:
-        results = evaluate_with_lm_eval(model, tokenizer, ["arc_easy"], limit=4)
-    except (OSError, ConnectionError) as err:  # its datasets come from the hub
-        pytest.skip(f"lm-eval could not fetch its data offline: {err}")
-    assert 0 <= results["arc_easy"]["acc"] <= 1

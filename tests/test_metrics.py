@@ -80,5 +80,5 @@ def test_a_cell_emitting_an_undeclared_metric_fails_as_a_cell(monkeypatch, tmp_p
     monkeypatch.setattr(execute, "_context", lambda job: None)
     monkeypatch.setitem(execute.RUNNERS, "probe", lambda cell, key, ctx: [{"metric": "top_eig", "value": 1.0}])
     job = CellJob("k", Cell("probe", "probe x", {}), tmp_path, Path("corpus"), "cpu", threads=1)
-    outcome = run_job(job, capture_fds=False)
+    [outcome] = run_job(job, capture_fds=False)
     assert outcome.rows is None and "UndeclaredMetric" in outcome.error and "'top_eig'" in outcome.error

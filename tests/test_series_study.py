@@ -44,7 +44,7 @@ def series_study(folder, checkpoints: dict, **sections) -> dict:
 def test_hub_series_through_a_study_flags_the_duplicate_and_measures_it_once(inputs, their_tokenizer):
     build_hub_cache(inputs / "hub", "org/tiny", REVISIONS, their_tokenizer)
     study = series_study(inputs, {"hub": "org/tiny", "revisions": ["step300", "step100", "step200"],
-                                  "cache_dir": str(inputs / "hub")},
+                                  "cache_dir": str(inputs / "hub"), "tokens_per_step": 2_097_152},
                          sharpness={"tokens": 64, "trace_hvps": 2, "kl_seeds": [0], "along_update": False})
     run_dir = overtrain.run(study, inputs / "run", workers=0)
     frame = overtrain.load_results(run_dir)
@@ -110,21 +110,24 @@ def assert_refused(result, folder, *expected: str):
 
 
 def test_unknown_tokens_are_named(inputs, their_tokenizer):
-    save_tiny(inputs / "ckpts" / "final", 0, their_tokenizer)
-    result = run_cli(series_study(inputs, {"folders": [str(inputs / "ckpts" / "final")]}), inputs)
-    assert_refused(result, inputs, "checkpoints: final: pre-training tokens unknown", "checkpoints.tokens")
+    # A DeepSpeed-style step folder: a step of unknown size, not a Pythia step (which would make up 40.9B tokens).
+    save_tiny(inputs / "ckpts" / "global_step19500", 0, their_tokenizer)
+    result = run_cli(series_study(inputs, {"folders": [str(inputs / "ckpts" / "global_step19500")]}), inputs)
+    assert_refused(result, inputs, "checkpoints: global_step19500: pre-training tokens unknown",
+                   "checkpoints.tokens (global_step19500: N), or checkpoints.tokens_per_step (its step: 19500)")
 
 
 def test_a_series_needs_one_tokenizer(inputs, their_tokenizer, byte_corpus):
     save_tiny(inputs / "ckpts" / "step1", 0, their_tokenizer)
     save_tiny(inputs / "ckpts" / "step2", 0, byte_corpus.tokenizer)
-    result = run_cli(series_study(inputs, {"folders": str(inputs / "ckpts" / "step*")}), inputs)
+    result = run_cli(series_study(inputs, {"folders": str(inputs / "ckpts" / "step*"), "tokens_per_step": 64}), inputs)
     assert_refused(result, inputs, "step2: its tokenizer (258 tokens) differs from step1's (300 tokens)")
 
 
 def test_windows_longer_than_the_checkpoints_take(inputs, their_tokenizer):
     save_tiny(inputs / "ckpts" / "step1", 0, their_tokenizer)
-    result = run_cli(series_study(inputs, {"folders": str(inputs / "ckpts" / "step1"), "seq_len": 64}), inputs)
+    result = run_cli(series_study(inputs, {"folders": str(inputs / "ckpts" / "step1"), "seq_len": 64,
+                                           "tokens_per_step": 64}), inputs)
     assert_refused(result, inputs, "checkpoints.seq_len=64: longer than the 32 tokens step1 takes")
 
 

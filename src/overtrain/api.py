@@ -27,17 +27,19 @@ if TYPE_CHECKING:
 
     from overtrain.study.folder import RunFolder
 
-__all__ = ["load_spec", "parse_spec", "run", "load_results", "status", "report", "reproduction", "power", "theory", "audit",
-           "probe", "keys", "run_folder", "save_traceback"]
+__all__ = ["load_spec", "parse_spec", "run", "load_results", "status", "report", "reproduction", "power", "forecast",
+           "theory", "audit", "probe", "keys", "run_folder", "save_traceback"]
 
 
 def run(spec: StudySpec | dict | str | Path, run_dir: str | Path, retry_failed: bool = False, workers: int = 1,
-        executor: str = "local", address: str | None = None) -> Path:
+        executor: str = "local", address: str | None = None, members: int | None = None) -> Path:
     """Run (or resume) a study, then its theory simulation (if it has a `theory:` section), then its report;
     `spec` may be a StudySpec, a dict or a YAML path.
 
-    workers: cells at once (0: one by one in this process); executor: "local" or
-    "ray" (address: a Ray cluster's, or None for a local Ray instance). See docs/ENGINE.md.
+    workers: jobs at once (0: one by one in this process); executor: "local" or
+    "ray" (address: a Ray cluster's, or None for a local Ray instance); members: at most
+    this many fine-tunes of one checkpoint trained as one ensemble job (None: the device's
+    default; 1: every cell alone). See docs/ENGINE.md.
     """
     from overtrain.analysis.report import build_report
     from overtrain.study.folder import RunFolder
@@ -49,7 +51,8 @@ def run(spec: StudySpec | dict | str | Path, run_dir: str | Path, retry_failed: 
         spec = load_spec(spec)
     elif isinstance(spec, dict):
         spec = parse_spec(spec)
-    run_dir = run_study(spec, run_dir, retry_failed=retry_failed, workers=workers, executor=executor, address=address)
+    run_dir = run_study(spec, run_dir, retry_failed=retry_failed, workers=workers, executor=executor, address=address,
+                        members=members)
     if spec.theory is not None:  # seconds of NumPy: recomputed, not cached
         run_theory(config_from_dict(spec.theory), RunFolder(run_dir).theory)
     build_report(run_dir)
@@ -92,7 +95,8 @@ def report(run_dir: str | Path, task: str | None = None, max_bpb: float | None =
 
 
 def reproduction(run_dir: str | Path, out: str | Path = "docs/REPRODUCTION.md") -> Path:
-    """Check the papers' claims on a run and write the page to `out` (its figures in a folder beside it)."""
+    """Check the papers' claims on a run and write the page to `out`; its figures and claims.json (the
+    verdicts for a program) go in a folder beside it (docs/reproduction/ for docs/REPRODUCTION.md)."""
     from overtrain.analysis.reproduction import write_reproduction
 
     return write_reproduction(run_dir, out)
@@ -108,6 +112,16 @@ def power(study: str | Path, noise_from: str | Path | None = None, simulations: 
     return estimate(study, noise_from, simulations, seed)
 
 
+def forecast(run_dir: str | Path, first: int | None = None, n_boot: int = 1000, seed: int = 0):
+    """Per fine-tuning curve of a run (schedule, task, LR), the budget after which pre-training-text bpb
+    after fine-tuning turns, forecast from power laws fitted on the first `first` budgets (default: all),
+    with a bootstrap interval; with fewer than all, beside the turn measured on every budget (a
+    `ForecastReport`: `.table`, `.as_dict()`, `.to_text()`). See docs/REPORT.md, Forecast."""
+    from overtrain.analysis.forecast import forecast_run
+
+    return forecast_run(run_dir, first, n_boot, seed)
+
+
 def theory(study: str | Path | None = None, out: str | Path = "runs/theory", overrides: dict | None = None) -> Path:
     """Simulate the two-layer linear network with the `theory:` section of `study` (defaults without one),
     `overrides` on top; write its tables, plots and summary into `out` and return the summary's path."""
@@ -120,17 +134,20 @@ def theory(study: str | Path | None = None, out: str | Path = "runs/theory", ove
 
 
 def audit(models: Sequence[str], out: str | Path = "runs/audit", revisions: Sequence[str] = (), tokens: int | None = None,
-          device: str = "auto", **options) -> Path:
+          device: str = "auto", tokens_per_step: int | None = None, **options) -> Path:
     """Audit one model or a series (folders, a glob, .gguf files, a hub id with `revisions`, or 'smollm2')
-    into `out`; `options` are `AuditConfig` fields (task, lrs, steps, gammas, ...). Returns the page written:
-    audit.md for one model, series.md for a series."""
+    into `out`; `options` are `AuditConfig` fields (task, lrs, steps, gammas, benchmarks, ...). Returns the
+    page written: audit.md for one model, series.md for a series. `tokens_per_step` turns the steps of
+    checkpoints (trainer_state.json, or names such as checkpoint-N) into pre-training tokens."""
     from overtrain.audit.result import AuditConfig
     from overtrain.audit.run import audit as audit_one
     from overtrain.audit.run import audit_series
     from overtrain.models.series import resolve_series
+    from overtrain.probes.harness import check_benchmarks
 
     config, out = AuditConfig(**options), Path(out)
-    series = resolve_series(list(models), list(revisions))
+    check_benchmarks(config.benchmarks, "benchmarks")
+    series = resolve_series(list(models), list(revisions), tokens_per_step)
     if len(series) > 1:
         if tokens is not None:
             raise SpecError(f"tokens={tokens}: gives one checkpoint's pre-training tokens; "

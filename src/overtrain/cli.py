@@ -15,10 +15,21 @@ from importlib import resources
 from pathlib import Path
 
 import typer
-import yaml
 
-from overtrain import api
 from overtrain.errors import OvertrainError, SpecError
+
+
+class _Api:
+    """`overtrain.api`, imported when a command first calls it: `overtrain --help` then loads no
+    study code (pydantic, pandas, torch), and each command only what it uses."""
+
+    def __getattr__(self, name: str):
+        from overtrain import api as module
+
+        return getattr(module, name)
+
+
+api = _Api()
 
 app = typer.Typer(
     help="Measure, explain and help avoid catastrophic overtraining: pre-train under controlled budgets and "
@@ -68,19 +79,23 @@ def run_command(
     executor: str = typer.Option("local", help="local (worker processes on this machine) or ray."),
     address: str = typer.Option(None, help="Ray cluster address (--executor ray); default: a local Ray instance. "
                                            "The run folder must be on storage every node mounts."),
+    members: int = typer.Option(None, min=1, help="At most this many fine-tunes of one checkpoint trained as one "
+                                                  "ensemble job (default: 16 on a CPU, 256 on a GPU, fewer where "
+                                                  "memory is short; 1: every cell alone). Results do not change."),
 ) -> None:
     """Run a study: pre-train, probe, fine-tune, report. Finished cells are never recomputed."""
-    _run(study, out, retry_failed, workers, executor, address)
+    _run(study, out, retry_failed, workers, executor, address, members)
 
 
 def _run(study: Path, out: Path | None, retry_failed: bool, workers: int = 1, executor: str = "local",
-         address: str | None = None) -> None:
+         address: str | None = None, members: int | None = None) -> None:
     with errors_reported():
         spec = api.load_spec(study)
     run_dir = out or Path("runs") / spec.name
     with errors_reported(run_dir):
         try:
-            api.run(spec, run_dir, retry_failed=retry_failed, workers=workers, executor=executor, address=address)
+            api.run(spec, run_dir, retry_failed=retry_failed, workers=workers, executor=executor, address=address,
+                    members=members)
         except SpecError as err:  # checks of the whole plan (budgets vs steps) know the key, not the file
             if not str(err).startswith(str(study)):
                 raise SpecError(f"{study}: {err}") from None
@@ -131,7 +146,8 @@ def reproduction_command(
     run_dir: Path = typer.Argument(..., help="A run folder, e.g. of examples/paper.yaml."),
     out: Path = typer.Option(Path("docs/REPRODUCTION.md"), help="Page to write; its figures go in a folder beside it."),
 ) -> None:
-    """Check the papers' claims on a run (sensitivity, U-curves, schedules, tuned LR) and write the page."""
+    """Check the papers' claims on a run (sensitivity, U-curves, schedules, tuned LR, matched loss, gamma scaling,
+    forecast) and write the page, with claims.json in the folder of its figures."""
     with errors_reported(run_dir):
         typer.echo(f"reproduction: {api.reproduction(run_dir, out)}")
 
@@ -153,6 +169,21 @@ def power_command(
         typer.echo(json.dumps(found.as_dict(), indent=1) if as_json else found.to_text())
 
 
+@app.command("forecast")
+def forecast_command(
+    run_dir: Path = typer.Argument(..., help="A run folder with fine-tuning at several budgets."),
+    first: int = typer.Option(None, help="Fit on the first K budgets only (default: all of them); the turn measured "
+                                         "on every budget is then shown beside the forecast (a backtest)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON: [{\"schedule\", \"task\", \"lr\", \"turn\", "
+                                                       "\"turn_low\", \"turn_high\", ...}] (null: no turn forecast)."),
+) -> None:
+    """When does fine-tuning start to hurt? Per fine-tuning curve, the budget after which pre-training-text bpb
+    after fine-tuning turns, forecast from the first budgets (power laws of the base bpb and of forgetting)."""
+    with errors_reported(run_dir):
+        found = api.forecast(run_dir, first)
+        typer.echo(json.dumps(found.as_dict(), indent=1) if as_json else found.to_text())
+
+
 @app.command("theory")
 def theory_command(
     study: Path = typer.Argument(None, help="A YAML file with a `theory:` section (e.g. examples/theory.yaml); defaults if omitted."),
@@ -167,6 +198,8 @@ def theory_command(
 
 
 def _key_value(item: str) -> tuple[str, object]:
+    import yaml
+
     key, sep, value = item.partition("=")
     if not sep:
         raise SpecError(f"--set {item!r}: expected KEY=VALUE")
@@ -184,12 +217,18 @@ def audit_command(
     revision: list[str] = typer.Option([], help="Hub revision, e.g. step1000 (Pythia) or step1000-tokens4B (OLMo); "
                                                 "repeat it or separate by commas for a series of one hub id."),
     tokens: int = typer.Option(None, help="Pre-training tokens of this checkpoint, if its name does not tell (one model)."),
+    tokens_per_step: int = typer.Option(None, min=1, help="Tokens per optimizer step, for checkpoints whose step is "
+                                                          "known (trainer_state.json, checkpoint-N, global_stepN) "
+                                                          "but not their tokens."),
     task: str = typer.Option("qa", help="Fine-tuning task of the LR sweep."),
     lrs: str = typer.Option("1e-5,1e-4,1e-3", help="Comma-separated fine-tuning LRs."),
     steps: int = typer.Option(10, min=1, help="Fine-tuning steps per LR."),
     gammas: str = typer.Option("0.25,0.5,1", help="Comma-separated noise sizes, in init stds."),
     tolerance_bpb: float = typer.Option(0.05, help="Most forgetting allowed (rise in held-out bpb)."),
-    benchmark_limit: int = typer.Option(50, min=1, help="Items per benchmark (arc_easy, piqa)."),
+    benchmarks: str = typer.Option("arc_easy,piqa", help="Comma-separated benchmarks: arc_easy, arc_challenge, piqa, "
+                                                         "hellaswag, sciq, winogrande, or lm_eval:TASK (an lm-eval "
+                                                         "task name or task YAML file; pip install 'overtrain[lm-eval]')."),
+    benchmark_limit: int = typer.Option(50, min=1, help="Items per benchmark (the first ones)."),
     hessian_tokens: int = typer.Option(0, min=0, help="Tokens for the top Hessian eigenvalue; 0 skips it."),
     heldout_tokens: int = typer.Option(4096, min=256, help="Held-out text tokens every bpb is measured on "
                                                            "(windows of 4 x 256)."),
@@ -200,8 +239,9 @@ def audit_command(
     """Audit a real model or a series: sensitivity, sharpness, and which fine-tuning LRs keep forgetting within a bound."""
     with errors_reported():
         page = api.audit(models, out, revisions=[part for item in revision for part in item.split(",") if part],
-                         tokens=tokens, device=device, task=task, lrs=_floats(lrs, "--lrs"), steps=steps,
-                         gammas=_floats(gammas, "--gammas"), tolerance_bpb=tolerance_bpb,
+                         tokens=tokens, tokens_per_step=tokens_per_step, device=device, task=task,
+                         lrs=_floats(lrs, "--lrs"), steps=steps, gammas=_floats(gammas, "--gammas"),
+                         tolerance_bpb=tolerance_bpb, benchmarks=tuple(part for part in benchmarks.split(",") if part),
                          benchmark_limit=benchmark_limit, hessian_tokens=hessian_tokens, heldout_tokens=heldout_tokens)
         typer.echo(page.read_text())
 

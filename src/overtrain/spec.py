@@ -52,6 +52,11 @@ PRESETS: dict[str, ModelSize] = {
 PositiveFloat = Annotated[float, Field(gt=0)]
 PositiveInt = Annotated[int, Field(gt=0)]
 
+# The benchmarks data/benchmarks.py ships (tests/test_lm_eval.py checks that the two agree);
+# `lm_eval:TASK` names any other, run by lm-evaluation-harness (probes/harness.py).
+BUILTIN_BENCHMARKS = ("arc_easy", "arc_challenge", "piqa", "hellaswag", "sciq", "winogrande")
+LM_EVAL_PREFIX = "lm_eval:"
+
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
@@ -148,16 +153,21 @@ class PretrainSpec(Section):
 class CheckpointsSpec(Section):
     """Checkpoints that are not ours (any mix of the sources below), each probed and fine-tuned like a pre-trained one."""
 
-    folders: str | list[str] = Field([], description="Local HF folders: a glob ('ckpts/step*') or a list. Tokens from "
-                                     "`tokens`, the folder's overtrain.json, or its name (step{N}, step{N}-tokens{M}B).")
+    folders: str | list[str] = Field([], description="Local HF folders: a glob ('ckpts/checkpoint-*') or a list. Tokens "
+                                     "from `tokens`, the folder's overtrain.json or trainer_state.json (HF Trainer), or "
+                                     "its name (step{N}-tokens{M}B; a step with `tokens_per_step`).")
     hub: str | None = Field(None, description="A hub model id whose `revisions` are the series; with HF_HUB_OFFLINE=1 "
                             "read from the local HF cache only.")
-    revisions: list[str] = Field([], description="Hub revisions; Pythia step{N} (N x 2,097,152 tokens) and OLMo "
-                                 "[stage1-]step{N}-tokens{M}B names give the tokens.")
+    revisions: list[str] = Field([], description="Hub revisions; OLMo [stage1-]step{N}-tokens{M}B names give the "
+                                 "tokens, and step{N} of a repository whose id names Pythia N x 2,097,152.")
     cache_dir: str | None = Field(None, description="HF cache folder of the hub revisions (default: the HF default).")
     gguf: list[str] = Field([], description="GGUF files, dequantized to float32.")
     tokens: dict[str, PositiveInt] = Field({}, description="Pre-training tokens by checkpoint: folder name, revision or "
-                                           "GGUF file stem -> tokens, where name and manifest do not tell.")
+                                           "GGUF file stem -> tokens, where name and files do not tell.")
+    tokens_per_step: PositiveInt | None = Field(None, description="Tokens per optimizer step (sequences x length x "
+                                                "devices x accumulation), turning a known step into tokens: "
+                                                "trainer_state.json's global_step, or a name checkpoint-{N}, "
+                                                "global_step{N}, ...step{N}.")
     seq_len: PositiveInt = Field(128, description="Tokens per window of held-out pre-training text (the role "
                                  "pretrain.seq_len has for our own checkpoints).")
 
@@ -215,14 +225,27 @@ class FinetuneSpec(Section):
     accuracy_examples: Annotated[int, Field(ge=0)] = Field(
         64, description="Held-out examples scored for ID accuracy before and after fine-tuning: choice log-likelihood "
         "for qa/classify, exact match of the final number by greedy generation for math; 0 to skip.")
-    benchmarks: list[Literal["arc_easy", "arc_challenge", "piqa", "hellaswag", "sciq", "winogrande"]] = Field(
-        [], description="OOD benchmarks (multiple-choice log-likelihood, lm-eval style) scored before and after fine-tuning.")
+    benchmarks: list[str] = Field(
+        [], description="OOD benchmarks scored before and after fine-tuning (multiple-choice log-likelihood): "
+        f"{', '.join(BUILTIN_BENCHMARKS)}, or `lm_eval:TASK` for an lm-evaluation-harness task (a name, or a task "
+        "YAML file over local data), run by lm-eval itself (`pip install 'overtrain[lm-eval]'`).")
     benchmark_limit: PositiveInt = Field(100, description="Items per benchmark (the first N, a fixed subset).")
     docstring_prompts: Annotated[int, Field(ge=0)] = Field(
         0, description="Behavioural residue, for code tasks: held-out function headers whose sampled continuations "
         "(4 each) are checked for a docstring before and after fine-tuning (`docstring_rate`); 0 to skip.")
 
     _measures_something = _not_empty("tasks", "lrs", "seeds", instead="`finetune: null` skips fine-tuning")
+
+    @field_validator("benchmarks")
+    @classmethod
+    def _known_benchmarks(cls, benchmarks: list[str]) -> list[str]:
+        for name in benchmarks:
+            if name not in BUILTIN_BENCHMARKS and not (name.startswith(LM_EVAL_PREFIX) and name != LM_EVAL_PREFIX):
+                raise ValueError(f"{name!r} is unknown; give {', '.join(BUILTIN_BENCHMARKS)}, or {LM_EVAL_PREFIX}TASK "
+                                 "(an lm-eval task name or task YAML file)")
+        if len(set(benchmarks)) != len(benchmarks):
+            raise ValueError("must list each benchmark once")
+        return benchmarks
 
 
 class MitigationSpec(Section):

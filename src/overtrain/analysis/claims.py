@@ -1,154 +1,83 @@
 """The papers' controlled findings, checked on one run's results.
 
-Each check reads the tidy results (never typed-in numbers) and returns a `Claim` with
-a verdict of three values (STATISTICS §2): **holds**, **does not hold**, or **not
-testable** with the reason; the effect size with its 95% interval; one plain paragraph
-with the numbers; and the tables it was read from. `reproduction.py` writes
-docs/REPRODUCTION.md from these, `power.py` measures how often each verdict is wrong.
+Each check reads the tidy results (never typed-in numbers) and returns a `Claim`
+(`verdicts.py`): holds, does not hold, or not testable with the reason; the effect size
+with its 95% interval; a paragraph with the numbers; the tables it was read from.
+`reproduction.py` writes docs/REPRODUCTION.md and claims.json from these, `power.py`
+measures how often each verdict is wrong. One claim per finding, by its short id:
+
+- `sensitivity`: per schedule, the slope of the bpb increase under noise (mean over
+  gammas) per 10x tokens is > 0;
+- `perturbation_u`: a U in the perturbed bpb (curves: schedule x gamma) and, in that
+  schedule, the lowest budget moves to fewer tokens as gamma grows (a curve rising from its
+  first budget counts as lowest at the first budget);
+- `finetune_u`: a U in pre-training-text bpb after fine-tuning at a fixed LR (curves:
+  schedule x task x LR);
+- `lr_moves_turn`: in a (schedule, task) with such a U, the lowest budget moves to fewer
+  tokens as the LR grows;
+- `t_ft_tuned`, `t_pre_tuned`, `lr_trend`, `matched_loss`: the fine-tuning LR (`tuned_claims.py`);
+- `decay_forgets_more`: at equal tokens, decayed minus constant-LR forgetting (paired by
+  budget, task, LR and seed) > 0; the text says whether decay moves the fixed-LR turn earlier;
+- `decay_sharper`: at equal tokens, decayed minus constant-LR sharpness > 0 (Hessian top
+  eigenvalue, KL sharpness, bpb increase under noise: Holm over those measured);
+- `gamma_scaling`: the exponent b of T* ~ gamma^b, fitted on the minima of the perturbed
+  bpb, against the linear network's -2;
+- `forecast`: the turn forecast from the first 4 budgets covers the measured one (`forecast.py`).
 
 The tests are those of `significance.py` (one-sided at 2.5%: an effect's 95% interval on
-the claimed side of zero), on replicates as `replicates.py` defines them. A claim read
-from several curves holds when at least one curve passes after Holm's correction over
-all its testable curves, the same rule for every claim:
-
-1. progressive sensitivity: per schedule, the slope of the bpb increase under noise
-   (mean over gammas) per 10x tokens is > 0;
-2. U under perturbation: a U in the perturbed bpb (curves: schedule x gamma) and, in that
-   schedule, the lowest budget moves to fewer tokens as gamma grows (a curve rising from
-   its first budget counts as lowest at the first budget);
-3. U after fine-tuning at a fixed LR: a U in pre-training-text bpb after fine-tuning
-   (curves: schedule x task x LR);
-4. schedules: at equal tokens, decayed checkpoints forget more than constant-LR ones
-   (decayed minus constant forgetting, paired by budget, task, LR and seed, mean > 0);
-5. tuned LR: at each budget's tuned LR (chosen on the validation part of the task), a U
-   in the task metric on the test part (T_ft) or in pre-training-text bpb (T_pre);
-   curves whose tuned LR sits at an edge of the LR grid are not testable.
+the claimed side of zero), on replicates as `replicates.py` defines them; a claim read from
+several curves holds when one passes after Holm's correction over all of them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import numpy as np
 import pandas as pd
 
-from overtrain.analysis import curves, significance, tables
+from overtrain.analysis import curves, forecast, significance, tables, tuned_claims
 from overtrain.analysis.page import short_tokens, sig
-from overtrain.analysis.recommend import id_metric_for, reporting_metric
-from overtrain.analysis.replicates import replicates
+from overtrain.analysis.replicates import SeedDraws, means_under, replicates
 from overtrain.analysis.significance import ONE_SIDED
+from overtrain.analysis.verdicts import (DOES_NOT_HOLD, HOLDS, NOT_TESTABLE, VERDICT_BOOT, Claim, family,
+                                         moves_earlier, not_testable, passing, reasons, u_row, u_verdict)
 from overtrain.probes import metrics
 
-HOLDS, DOES_NOT_HOLD, NOT_TESTABLE = "holds", "does not hold", "not testable"
-SHARPNESS_SIDE_BY_SIDE = ("hessian_top_eig", "kl_sharpness")
-
-
-@dataclass
-class Claim:
-    number: int
-    title: str
-    verdict: str                 # holds | does not hold | not testable
-    reason: str                  # why not testable ("" otherwise)
-    effect_label: str            # what `effect` measures, with its unit
-    effect: float = np.nan       # of the curve with the strongest evidence
-    effect_low: float = np.nan   # its 95% interval
-    effect_high: float = np.nan
-    finding: str = ""
-    tables: list[tuple[str, pd.DataFrame]] = field(default_factory=list)
-
-    @property
-    def effect_text(self) -> str:
-        if not np.isfinite(self.effect):
-            return "n/a"
-        interval = f" [{sig(self.effect_low)}, {sig(self.effect_high)}]" if np.isfinite(self.effect_low) else ""
-        return f"{sig(self.effect)}{interval}"
+CLAIM_IDS = ("sensitivity", "perturbation_u", "finetune_u", "lr_moves_turn", "t_ft_tuned", "t_pre_tuned", "lr_trend",
+             "decay_forgets_more", "decay_sharper", "matched_loss", "gamma_scaling", "forecast")
+# Sharpness of a checkpoint, the paper's first (the Hessian's top eigenvalue), then its proxies.
+SHARPNESS_METRICS = ("hessian_top_eig", "kl_sharpness", "delta_bpb")
+GAMMA_EXPONENT_THEORY = -2.0  # the linear network: the perturbed loss is lowest at T* ~ gamma^-2 (docs/THEORY.md)
 
 
 def check_claims(results: pd.DataFrame, n_boot: int = curves.N_BOOT, seed: int = 0,
                  intervals: bool = True) -> list[Claim]:
-    """Every claim on `results`. intervals=False skips the bootstrap of locations (verdicts unchanged)."""
+    """Every claim on `results`, in the order of CLAIM_IDS. intervals=False skips the bootstraps no
+    verdict reads (the locations of minima); the two whose interval is the verdict (gamma_scaling,
+    forecast) then draw VERDICT_BOOT resamples."""
     results = tables.plain(results)
-    n_boot = n_boot if intervals else 0
-    final = tables.finetune_final(results)  # read by three claims: made once
-    return [progressive_sensitivity(results), perturbation_u(results, n_boot, seed),
-            finetuning_u(results, n_boot, seed, final), decay_forgets_more(results, final),
-            tuned_lr_inflections(results, n_boot, seed, final)]
+    located_boot, verdict_boot = (n_boot, n_boot) if intervals else (0, VERDICT_BOOT)
+    final = tables.finetune_final(results)  # read by several claims: made once
+    perturbation = perturbation_u(results, located_boot, seed)
+    fixed_lr = finetune_u(results, located_boot, seed, final)
+    return [progressive_sensitivity(results), perturbation, fixed_lr, lr_moves_turn(fixed_lr),
+            *tuned_claims.tuned_lr_claims(results, located_boot, seed, final),
+            decay_forgets_more(results, final, fixed_lr), decay_sharper(results), tuned_claims.matched_loss(results),
+            gamma_scaling(results, perturbation, verdict_boot, seed),
+            forecast.forecast_claim(results, fixed_lr, verdict_boot, seed, final)]
 
 
-# -- shared: a family of curves, Holm over it -------------------------------------------
-
-def _not_testable(number: int, title: str, label: str, reason: str, found: pd.DataFrame | None = None,
-                  name: str = "") -> Claim:
-    claim_tables = [(name, found)] if found is not None and len(found) else []
-    return Claim(number, title, NOT_TESTABLE, reason, label, finding=f"{reason[0].upper()}{reason[1:]}.", tables=claim_tables)
+def _table(claim: Claim, name: str) -> pd.DataFrame | None:
+    return dict(claim.tables).get(name)
 
 
-def _family(rows: list[dict]) -> pd.DataFrame:
-    """Per-curve rows with `p_value` (NaN: untestable) -> with `p_holm` and `passes`."""
-    table = pd.DataFrame(rows)
-    table["p_holm"] = significance.holm(table["p_value"].to_numpy(dtype=float))
-    table["passes"] = table["p_holm"] <= ONE_SIDED
-    return table
-
-
-def _reasons(table: pd.DataFrame) -> str:
-    """The distinct reasons curves of a family are untestable, each once, with how many."""
-    counts = table.loc[table["untestable"] != "", "untestable"].value_counts()
-    return "; ".join(f"{reason} ({n} of {len(table)} curves)" for reason, n in counts.items())
-
-
-def _u_row(points: pd.DataFrame, higher_is_better: bool = False, n_boot: int = 0, seed: int = 0) -> dict:
-    """The U test of one curve, as a table row; with n_boot, the 95% interval of its lowest point."""
-    curve = replicates(points)
-    units = curve.units() * (-1 if higher_is_better else 1)
-    why = significance.untestable(units, diverged=curve.diverged)
-    row = {"budgets": len(curve.tokens), "replicates": len(units), "unit": curve.unit, "untestable": why}
-    if why:
-        return {**row, "p_value": np.nan}
-    test = significance.u_shape(units)
-    sign = -1 if higher_is_better else 1
-    if n_boot:
-        low, high = curves.lowest_interval(curves.badness(curve, higher_is_better), n_boot, seed)
-        row |= {"lowest_ci_low": low, "lowest_ci_high": high}
-    return {**row, "lowest_tokens": curve.tokens[test.lowest], "lowest_index": test.lowest,
-            "rise": test.rise.value * sign, "rise_low": min(test.rise.low * sign, test.rise.high * sign),
-            "rise_high": max(test.rise.low * sign, test.rise.high * sign), "p_value": test.p_value}
-
-
-def _u_verdict(number: int, title: str, table: pd.DataFrame, describe, name: str) -> Claim:
-    """Holds if any curve's U passes after Holm; the effect is the rise of the most convincing one."""
-    label = "rise from the lowest budget to the last (bpb)"
-    tested = table[table["untestable"] == ""]
-    if tested.empty:
-        return _not_testable(number, title, label, _reasons(table), table, name)
-    best = tested.loc[tested["p_value"].idxmin()]
-    verdict = HOLDS if table["passes"].any() else DOES_NOT_HOLD
-    untested = _reasons(table)
-    finding = (f"{int(table['passes'].sum())} of {len(tested)} testable curves show a U after Holm's correction "
-               f"over {len(tested)}. " + describe(tested) + (f" Not testable: {untested}." if untested else ""))
-    return Claim(number, title, verdict, "", label, best["rise"], best["rise_low"], best["rise_high"], finding,
-                 [(name, table)])
-
-
-def _describe_u(tested: pd.DataFrame, key) -> str:
-    parts = []
-    for row in tested.sort_values("p_value").itertuples():
-        interval = (f" (95% {short_tokens(row.lowest_ci_low)}-{short_tokens(row.lowest_ci_high)})"
-                    if np.isfinite(getattr(row, "lowest_ci_low", np.nan)) else "")
-        where = (f"lowest at {short_tokens(row.lowest_tokens)} tokens{interval}, rise {sig(row.rise, plus=True)} "
-                 f"[{sig(row.rise_low)}, {sig(row.rise_high)}] bpb to the last budget")
-        parts.append(f"{key(row)}: {where}, p = {sig(row.p_value, 2)} (Holm {sig(row.p_holm, 2)})")
-    return "; ".join(parts) + "."
-
-
-# -- 1 ------------------------------------------------------------------------------------
+# -- progressive sensitivity ---------------------------------------------------------------
 
 def progressive_sensitivity(results: pd.DataFrame) -> Claim:
     title = "Progressive sensitivity: the same noise hurts more the longer a model was pre-trained"
     label = "slope of the bpb increase under noise per 10x tokens (bpb)"
     delta = tables.probe_points(results, "delta_bpb")
     if delta.empty:
-        return _not_testable(1, title, label, "no perturbation probe in this run")
+        return not_testable("sensitivity", title, label, "no perturbation probe in this run")
     rows = []
     for schedule, points in delta.groupby("schedule"):
         # One curve per schedule: the mean over gammas of each noise seed's increase.
@@ -161,105 +90,267 @@ def progressive_sensitivity(results: pd.DataFrame) -> Claim:
             slope = significance.trend(units, curve.tokens)
             row |= {"slope": slope.value, "slope_low": slope.low, "slope_high": slope.high, "p_value": slope.p_value}
         rows.append(row)
-    table = _family(rows)
+    table = family(rows)
     tested = table[table["untestable"] == ""]
     if tested.empty:
-        return _not_testable(1, title, label, _reasons(table), table, "sensitivity_trend")
+        return not_testable("sensitivity", title, label, reasons(table), table, "sensitivity_trend")
     best = tested.loc[tested["p_value"].idxmin()]
     finding = ("Slope of the bpb increase under noise (mean over gammas) per 10x tokens, by schedule: " + "; ".join(
         f"{r.schedule}: {sig(r.slope, plus=True)} [{sig(r.slope_low)}, {sig(r.slope_high)}], p = {sig(r.p_value, 2)}"
         f" ({'holds' if r.passes else 'does not hold'})" for r in tested.itertuples()) + ".")
-    verdict = HOLDS if table["passes"].any() else DOES_NOT_HOLD
-    return Claim(1, title, verdict, "", label, best["slope"], best["slope_low"], best["slope_high"], finding,
-                 [("sensitivity_trend", table)])
+    reason = f"{passing(table, 'rise')}; steepest evidence: {best['schedule']}, p = {sig(best['p_value'], 2)}"
+    return Claim("sensitivity", title, HOLDS if table["passes"].any() else DOES_NOT_HOLD, reason, label,
+                 best["slope"], best["slope_low"], best["slope_high"], finding, [("sensitivity_trend", table)])
 
 
-# -- 2 ------------------------------------------------------------------------------------
+# -- U under perturbation, and its scaling with gamma ---------------------------------------
 
 def perturbation_u(results: pd.DataFrame, n_boot: int, seed: int) -> Claim:
     title = "U-shape under perturbation: the perturbed model is best at an interior budget, earlier for larger noise"
     perturbed = tables.probe_points(results, "perturbed_bpb")
     if perturbed.empty:
-        return _not_testable(2, title, "rise (bpb)", "no perturbation probe in this run")
-    rows = [{"schedule": schedule, "gamma": gamma, **_u_row(points, n_boot=n_boot, seed=seed)}
+        return not_testable("perturbation_u", title, "rise (bpb)", "no perturbation probe in this run")
+    rows = [{"schedule": schedule, "gamma": gamma, **u_row(points, n_boot=n_boot, seed=seed)}
             for (schedule, gamma), points in perturbed.groupby(["schedule", "gamma"])]
-    table = _family(rows)
-    moves = {schedule: _moves_earlier(group) for schedule, group in table.groupby("schedule")}
+    table = family(rows)
+    moves = {schedule: moves_earlier(group, "gamma") for schedule, group in table.groupby("schedule")}
     table["moves_earlier"] = table["schedule"].map(moves)
-    claim = _u_verdict(2, title, table, lambda t: _describe_u(t, lambda r: f"{r.schedule} gamma {r.gamma:g}"),
-                       "perturbation_u")
+    claim = u_verdict("perturbation_u", title, table, lambda r: f"{r.schedule} gamma {r.gamma:g}", "perturbation_u")
     if claim.verdict == NOT_TESTABLE:
         return claim
     holds = any(group["passes"].any() and moves[schedule] for schedule, group in table.groupby("schedule"))
     claim.verdict = HOLDS if holds else DOES_NOT_HOLD
-    claim.finding += " Lowest budget as gamma grows: " + "; ".join(
-        f"{schedule}: " + " -> ".join(short_tokens(t) for t in group.sort_values("gamma")["lowest_tokens"])
-        + (" (moves earlier)" if moves[schedule] else " (does not move earlier)")
-        for schedule, group in table[table["untestable"] == ""].groupby("schedule")) + "."
+    paths = {schedule: " -> ".join(short_tokens(t) for t in group.sort_values("gamma")["lowest_tokens"])
+             + (" (moves earlier)" if moves[schedule] else " (does not move earlier)")
+             for schedule, group in table[table["untestable"] == ""].groupby("schedule")}
+    claim.reason += "; lowest budget as gamma grows: " + "; ".join(f"{s}: {p}" for s, p in paths.items())
+    claim.finding += " Lowest budget as gamma grows: " + "; ".join(f"{s}: {p}" for s, p in paths.items()) + "."
     return claim
 
 
-def _moves_earlier(group: pd.DataFrame) -> bool:
-    """The lowest budget never moves later as gamma grows, and ends earlier than it starts."""
-    lowest = group.sort_values("gamma")["lowest_index"].to_numpy(dtype=float) if "lowest_index" in group else []
-    lowest = lowest[np.isfinite(lowest)] if len(lowest) else lowest
-    return len(lowest) >= 2 and bool((np.diff(lowest) <= 0).all() and lowest[-1] < lowest[0])
+def gamma_scaling(results: pd.DataFrame, perturbation: Claim, n_boot: int, seed: int) -> Claim:
+    """The exponent b of T* ~ gamma^b over the perturbed curves with a U, against the theory's -2.
+
+    T* is each curve's lowest budget refined to the vertex of the parabola through it and its
+    neighbours (log tokens); b is the slope of log T* on log gamma with one intercept per
+    schedule (schedules with two located gammas or more). Its 95% interval is a hierarchical
+    bootstrap over replicates (one draw for every curve: noise seeds are paired across
+    gammas) in which each curve's minimum lies anywhere (uniform in log tokens) between the
+    budgets around that resample's lowest one, so the interval includes the budgets' spacing
+    (STATISTICS §5). Holds when the interval contains -2 and lies below 0; does not hold when
+    it excludes -2; not testable when it contains both -2 and 0 (it cannot tell the theory's
+    scaling from none) or fewer than 2 gammas show a U in any schedule.
+    """
+    title = "Gamma scaling: the perturbed model's best budget falls as gamma^-2, as the linear network predicts"
+    label = f"exponent b of T* ~ gamma^b (theory: {GAMMA_EXPONENT_THEORY:g})"
+    table = _table(perturbation, "perturbation_u")
+    if table is None or "passes" not in table:
+        return not_testable("gamma_scaling", title, label, perturbation.reason)
+    located = table[table["passes"]]
+    gammas_per_schedule = located.groupby("schedule")["gamma"].nunique()
+    located = located[located["schedule"].isin(gammas_per_schedule[gammas_per_schedule >= 2].index)]
+    if located.empty:
+        return not_testable("gamma_scaling", title, label, "fewer than 2 gammas of one schedule show a U after Holm's "
+                            "correction: no minimum to scale", table, "perturbation_u")
+    perturbed = tables.probe_points(results, "perturbed_bpb")
+    values = np.stack([replicates(perturbed[(perturbed["schedule"] == s) & (perturbed["gamma"] == g)], like=perturbed).values
+                       for s, g in zip(located["schedule"], located["gamma"])])          # (K, P, S, B)
+    log_tokens = np.log10(np.sort(perturbed["tokens"].astype(float).unique()))
+    log_gamma, schedules = np.log10(located["gamma"].to_numpy(dtype=float)), located["schedule"].to_numpy()
+    n_pretrain, n_seed = values.shape[1], values.shape[2]
+    minima = curves.lowest_vertex(log_tokens, means_under(values, SeedDraws.identity(n_pretrain, n_seed)))  # (1, K)
+    exponent = float(_pooled_slope(log_gamma, minima, schedules)[0])
+    rng = np.random.default_rng(seed)
+    resampled = means_under(values, SeedDraws.hierarchical(n_pretrain, n_seed, n_boot, rng))                 # (n, K, B)
+    lowest = np.argmin(np.where(np.isfinite(resampled), resampled, np.inf), axis=-1)
+    before, after = log_tokens[np.maximum(lowest - 1, 0)], log_tokens[np.minimum(lowest + 1, len(log_tokens) - 1)]
+    low, high = np.percentile(_pooled_slope(log_gamma, before + rng.random(lowest.shape) * (after - before), schedules),
+                              [100 * (1 - curves.LEVEL) / 2, 100 * (1 + curves.LEVEL) / 2])
+    fits, below_zero = low <= GAMMA_EXPONENT_THEORY <= high, high < 0
+    where = "; ".join(f"{s} gamma {g:g}: {short_tokens(10 ** m)}" for s, g, m in zip(schedules, located["gamma"], minima[0]))
+    numbers = f"b = {sig(exponent)} [{sig(low)}, {sig(high)}] against the theory's {GAMMA_EXPONENT_THEORY:g}"
+    finding = (f"Lowest budget of the perturbed bpb (refined), over the curves with a U: {where}. Fitted {numbers} "
+               f"({len(located)} curves, {n_boot} resamples).")
+    if fits and not below_zero:
+        return Claim("gamma_scaling", title, NOT_TESTABLE, f"{numbers}: the interval also contains 0, so it cannot "
+                     "tell the theory's scaling from none", label, exponent, low, high, finding,
+                     [("gamma_minima", located)])
+    reason = numbers + (": consistent with it, and below 0" if fits else ": the interval excludes it")
+    return Claim("gamma_scaling", title, HOLDS if fits else DOES_NOT_HOLD, reason, label, exponent, low, high, finding,
+                 [("gamma_minima", located)])
 
 
-# -- 3 ------------------------------------------------------------------------------------
+def _pooled_slope(x: np.ndarray, y: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """Least-squares slope of each row of y (n, K) on x (K,), with one intercept per group (K,)."""
+    _, index = np.unique(groups, return_inverse=True)
+    member = np.eye(index.max() + 1)[index]                 # (K, G)
+    counts = member.sum(axis=0)
+    x_centred = x - member @ (member.T @ x / counts)
+    y_centred = y - (y @ member / counts) @ member.T
+    return (y_centred @ x_centred) / (x_centred @ x_centred)
 
-def finetuning_u(results: pd.DataFrame, n_boot: int, seed: int, final: pd.DataFrame | None = None) -> Claim:
+
+# -- U after fine-tuning at a fixed LR, and the LR that moves it -------------------------------
+
+def finetune_u(results: pd.DataFrame, n_boot: int, seed: int, final: pd.DataFrame | None = None) -> Claim:
     title = ("U-shape after fine-tuning at a fixed LR: past some budget, pre-training longer leaves a worse model "
              "after fine-tuning")
     ood = tables.final_points(results, "ood_bpb", final)
     if ood.empty:
-        return _not_testable(3, title, "rise (bpb)", "no fine-tuning in this run")
-    rows = [{"schedule": schedule, "task": task, "lr": lr, **_u_row(points, n_boot=n_boot, seed=seed)}
+        return not_testable("finetune_u", title, "rise (bpb)", "no fine-tuning in this run")
+    rows = [{"schedule": schedule, "decayed": points["decayed"].iloc[0], "task": task, "lr": lr,
+             **u_row(points, n_boot=n_boot, seed=seed)}
             for (schedule, task, lr), points in ood.groupby(["schedule", "task", "lr"])]
-    return _u_verdict(3, title, _family(rows),
-                      lambda t: _describe_u(t, lambda r: f"{r.task} at LR {r.lr:g} ({r.schedule})"), "finetuning_u")
+    return u_verdict("finetune_u", title, family(rows), lambda r: f"{r.task} at LR {r.lr:g} ({r.schedule})", "finetune_u")
 
 
-# -- 4 ------------------------------------------------------------------------------------
+def lr_moves_turn(fixed_lr: Claim) -> Claim:
+    """In a (schedule, task) whose fixed-LR curves show a U after Holm (claim finetune_u), the lowest
+    budget never moves later and ends earlier as the LR grows."""
+    title = "Fixed LR: a larger fine-tuning LR moves the turn to fewer tokens"
+    label = "shift of the lowest budget from the smallest to the largest LR (decades of tokens)"
+    table = _table(fixed_lr, "finetune_u")
+    if table is None or not (table["untestable"] == "").any():
+        return not_testable("lr_moves_turn", title, label, fixed_lr.reason)
+    rows = []
+    for (schedule, task), group in table[table["untestable"] == ""].groupby(["schedule", "task"]):
+        by_lr = group.sort_values("lr")
+        if len(by_lr) < 2:
+            continue
+        small, large = by_lr.iloc[0], by_lr.iloc[-1]
+        row = {"schedule": schedule, "task": task, "lrs": len(by_lr), "u_after_holm": bool(by_lr["passes"].any()),
+               "moves_earlier": moves_earlier(by_lr, "lr"), "p_holm": by_lr["p_holm"].min(),
+               "lowest": " -> ".join(short_tokens(t) for t in by_lr["lowest_tokens"]),
+               "shift": np.log10(large["lowest_tokens"] / small["lowest_tokens"])}
+        if "lowest_ci_low" in by_lr:  # the widest shift the two location intervals allow
+            row |= {"shift_low": np.log10(large["lowest_ci_low"] / small["lowest_ci_high"]),
+                    "shift_high": np.log10(large["lowest_ci_high"] / small["lowest_ci_low"])}
+        rows.append(row)
+    if not rows:
+        return not_testable("lr_moves_turn", title, label, "one testable LR per (schedule, task): nothing to move")
+    summary = pd.DataFrame(rows)
+    summary["holds"] = summary["u_after_holm"] & summary["moves_earlier"]
+    best = summary.sort_values(["holds", "p_holm"], ascending=[False, True]).iloc[0]
+    describe = "; ".join(f"{r.task} ({r.schedule}): {r.lowest}" + ("" if r.u_after_holm else " (no U after Holm)")
+                         + (" (moves earlier)" if r.moves_earlier else " (does not move earlier)")
+                         for r in summary.itertuples())
+    reason = (f"in {int(summary['holds'].sum())} of {len(summary)} (schedule, task) the lowest budget moves earlier as "
+              f"the LR grows, with a U after Holm; {best['task']} ({best['schedule']}): {best['lowest']}")
+    return Claim("lr_moves_turn", title, HOLDS if summary["holds"].any() else DOES_NOT_HOLD, reason, label,
+                 best["shift"], best.get("shift_low", np.nan), best.get("shift_high", np.nan),
+                 f"Lowest budget of pre-training-text bpb after fine-tuning, by LR from the smallest: {describe}.",
+                 [("lr_moves_turn", summary)])
 
-def decay_forgets_more(results: pd.DataFrame, final: pd.DataFrame | None = None) -> Claim:
-    title = "Schedules: at equal tokens, checkpoints that ended in a learning-rate decay forget more when fine-tuned"
+
+# -- decayed vs constant LR ------------------------------------------------------------------
+
+DECAY_TITLE = "Schedules: at equal tokens, checkpoints that ended in a learning-rate decay forget more when fine-tuned"
+SHARPER_TITLE = "Schedules: at equal tokens, checkpoints that ended in a learning-rate decay are sharper"
+
+
+def decay_forgets_more(results: pd.DataFrame, final: pd.DataFrame | None = None, fixed_lr: Claim | None = None) -> Claim:
     label = "decayed minus constant-LR forgetting, mean over budgets, tasks and LRs (bpb)"
     forgetting = tables.forgetting_points(results, final)
     if forgetting.empty or forgetting["decayed"].nunique() < 2:
-        return _not_testable(4, title, label, "needs decayed and constant-LR checkpoints at the same budgets, fine-tuned")
-    pairs = _decayed_vs_constant(forgetting)
+        return not_testable("decay_forgets_more", DECAY_TITLE, label,
+                            "needs decayed and constant-LR checkpoints at the same budgets, fine-tuned")
+    pairs = _decayed_minus_constant(forgetting, ["tokens", "task", "lr", "pretrain_seed", "seed"], "forgetting_bpb")
     usable = pairs.dropna(subset=["difference"])
     if usable.empty:
-        return _not_testable(4, title, label, "no budget has both a decayed and a constant-LR checkpoint fine-tuned "
-                             "without divergence")
+        return not_testable("decay_forgets_more", DECAY_TITLE, label, "no budget has both a decayed and a constant-LR "
+                            "checkpoint fine-tuned without divergence")
     per_replicate = _per_replicate_mean(usable)
     if len(per_replicate) < 2:
-        return _not_testable(4, title, label, "one seed: no spread to test against", pairs, "decayed_vs_constant")
+        return not_testable("decay_forgets_more", DECAY_TITLE, label, "one seed: no spread to test against", pairs,
+                            "decayed_vs_constant")
     found = significance.across_replicates(per_replicate.to_numpy())
     verdict = HOLDS if found.p_value <= ONE_SIDED else DOES_NOT_HOLD
     dropped = len(pairs) - len(usable)
     by_lr = usable.groupby(["task", "lr"])["difference"].mean()
+    turn, turn_text = _decay_and_turn(_table(fixed_lr, "finetune_u") if fixed_lr is not None else None)
     finding = (f"Decayed minus constant-LR forgetting at equal tokens, task, LR and seed: {sig(found.value, plus=True)} "
                f"bpb [{sig(found.low)}, {sig(found.high)}] (p = {sig(found.p_value, 2)}, {len(per_replicate)} "
                f"{'pre-training seeds' if usable['pretrain_seed'].nunique() >= 2 else 'seeds'} as replicates, "
                f"{len(usable)} pairs). By task and LR: " + "; ".join(
                    f"{task} LR {lr:g}: {sig(d, plus=True)}" for (task, lr), d in by_lr.items()) + "."
-               + (f" {dropped} pairs left out: a run diverged." if dropped else "")
-               + _describe_sharpness(_sharpness_side_by_side(results)))
-    claim_tables = [("decayed_vs_constant_forgetting", pairs)]
-    sharpness = _sharpness_side_by_side(results)
-    if not sharpness.empty:
-        claim_tables.append(("decayed_vs_constant_sharpness", sharpness))
-    return Claim(4, title, verdict, "", label, found.value, found.low, found.high, finding, claim_tables)
+               + (f" {dropped} pairs left out: a run diverged." if dropped else "") + turn_text)
+    reason = (f"decayed checkpoints forget {sig(found.value, plus=True)} bpb [{sig(found.low)}, {sig(found.high)}] vs "
+              f"constant LR, p = {sig(found.p_value, 2)}" + (f"; {turn}" if turn else ""))
+    return Claim("decay_forgets_more", DECAY_TITLE, verdict, reason, label, found.value, found.low, found.high, finding,
+                 [("decayed_vs_constant_forgetting", pairs)])
 
 
-def _decayed_vs_constant(forgetting: pd.DataFrame) -> pd.DataFrame:
-    """One row per (tokens, task, LR, pre-training seed, seed) with both kinds: each side's forgetting."""
-    keys = ["tokens", "task", "lr", "pretrain_seed", "seed"]
-    side = forgetting.assign(decayed=forgetting["decayed"].astype(bool))
-    decayed = side[side["decayed"]].groupby(keys)["forgetting_bpb"].mean().rename("decayed")
-    constant = side[~side["decayed"]].groupby(keys)["forgetting_bpb"].mean().rename("constant")
+def _decay_and_turn(table: pd.DataFrame | None) -> tuple[str, str]:
+    """Whether decay moves the fixed-LR turn earlier (descriptive: the lowest budgets compared per
+    task and LR), as a short clause and a sentence; empty without testable curves of both kinds."""
+    if table is None or "lowest_tokens" not in table:
+        return "", ""
+    tested = table[table["untestable"] == ""].assign(decayed=lambda t: t["decayed"].astype(bool))
+    rows = []
+    for (task, lr), group in tested.groupby(["task", "lr"]):
+        constant = group.loc[~group["decayed"], "lowest_tokens"]
+        for decayed in group[group["decayed"]].itertuples():
+            if len(constant):
+                rows.append((task, lr, decayed.schedule, decayed.lowest_tokens, constant.iloc[0]))
+    if not rows:
+        return "", ""
+    earlier = sum(d < c for *_, d, c in rows)
+    clause = f"decay moves the fixed-LR turn earlier at {earlier} of {len(rows)} (task, LR) (lowest budgets compared)"
+    detail = "; ".join(f"{task} LR {lr:g}: {schedule} {short_tokens(d)} vs constant {short_tokens(c)}"
+                       for task, lr, schedule, d, c in rows)
+    return clause, f" Turn (lowest budget of pre-training-text bpb after fine-tuning at a fixed LR): {clause}: {detail}."
+
+
+def decay_sharper(results: pd.DataFrame) -> Claim:
+    """Decayed minus constant-LR sharpness at equal tokens, per sharpness metric measured, mean over
+    budgets (and gammas), tested > 0 across replicates; holds when one metric passes after Holm."""
+    label = "decayed minus constant-LR sharpness, mean over budgets"
+    rows = []
+    for metric in tables.probe_metrics_present(results, list(SHARPNESS_METRICS)):
+        points = tables.probe_points(results, metric)
+        points = points.assign(seed=points["seed"].fillna(0))  # one measurement per checkpoint: seed 0
+        per_seed = points.groupby(tables.CHECKPOINT_COLUMNS + ["seed"])["value"].mean().reset_index()
+        pairs = _decayed_minus_constant(per_seed, ["tokens", "pretrain_seed", "seed"], "value").dropna(subset=["difference"])
+        row = {"metric": metric, "pairs": len(pairs), "untestable": "", "p_value": np.nan}
+        per_replicate = _per_replicate_mean(pairs) if len(pairs) else pd.Series(dtype=float)
+        if pairs.empty:
+            row["untestable"] = "no budget has both a decayed and a constant-LR checkpoint"
+        elif len(per_replicate) < 2:
+            row["untestable"] = "one seed: no spread to test against"
+        else:
+            found = significance.across_replicates(per_replicate.to_numpy())
+            row |= {"replicates": len(per_replicate), "difference": found.value, "difference_low": found.low,
+                    "difference_high": found.high, "p_value": found.p_value}
+        rows.append(row)
+    if not rows:
+        return not_testable("decay_sharper", SHARPER_TITLE, label, "no sharpness or perturbation probe in this run")
+    table = family(rows)
+    tested = table[table["untestable"] == ""]
+    side_by_side = _sharpness_side_by_side(results)
+    claim_tables = [("decayed_vs_constant_sharpness", table)] + (
+        [("sharpness_side_by_side", side_by_side)] if not side_by_side.empty else [])
+    if tested.empty:
+        claim = not_testable("decay_sharper", SHARPER_TITLE, label, reasons(table, "metrics"))
+        claim.tables = claim_tables
+        return claim
+    best = tested.loc[tested["p_value"].idxmin()]
+    untested = reasons(table, "metrics")
+    finding = ("Decayed minus constant-LR value at equal tokens and seed, mean over budgets: " + "; ".join(
+        f"{metrics.label(r.metric)}: {sig(r.difference, plus=True)} [{sig(r.difference_low)}, {sig(r.difference_high)}], "
+        f"p = {sig(r.p_value, 2)} (Holm {sig(r.p_holm, 2)})" for r in tested.itertuples()) + "."
+               + (f" Not testable: {untested}." if untested else "") + _describe_sharpness(side_by_side))
+    reason = (f"{passing(table, noun='metrics')}; {best['metric']}: decayed minus constant "
+              f"{sig(best['difference'], plus=True)} [{sig(best['difference_low'])}, {sig(best['difference_high'])}]")
+    return Claim("decay_sharper", SHARPER_TITLE, HOLDS if table["passes"].any() else DOES_NOT_HOLD, reason,
+                 f"decayed minus constant-LR {metrics.label(best['metric'])}, mean over budgets", best["difference"],
+                 best["difference_low"], best["difference_high"], finding, claim_tables)
+
+
+def _decayed_minus_constant(points: pd.DataFrame, keys: list[str], value: str) -> pd.DataFrame:
+    """One row per `keys` with both kinds of checkpoint: each side's mean `value` and their difference."""
+    side = points.assign(decayed=points["decayed"].astype(bool))
+    decayed = side[side["decayed"]].groupby(keys)[value].mean().rename("decayed")
+    constant = side[~side["decayed"]].groupby(keys)[value].mean().rename("constant")
     pairs = pd.concat([decayed, constant], axis=1, join="inner").reset_index()
     return pairs.assign(difference=pairs["decayed"] - pairs["constant"])
 
@@ -273,7 +364,7 @@ def _per_replicate_mean(pairs: pd.DataFrame) -> pd.Series:
 def _sharpness_side_by_side(results: pd.DataFrame) -> pd.DataFrame:
     """Per budget, each sharpness metric's mean for the decayed and the constant-LR checkpoint."""
     columns = {}
-    for metric in tables.probe_metrics_present(results, list(SHARPNESS_SIDE_BY_SIDE)):
+    for metric in tables.probe_metrics_present(results, list(SHARPNESS_METRICS[:2])):
         means = tables.probe_points(results, metric).groupby(["tokens", "decayed"])["value"].mean().unstack("decayed")
         if {0, 1} <= set(means.columns.astype(int)):
             means.columns = means.columns.astype(int)
@@ -283,49 +374,10 @@ def _sharpness_side_by_side(results: pd.DataFrame) -> pd.DataFrame:
 
 def _describe_sharpness(table: pd.DataFrame) -> str:
     if table.empty:
-        return " Sharpness was not measured."
+        return ""
     parts = []
-    for metric in SHARPNESS_SIDE_BY_SIDE:
+    for metric in SHARPNESS_METRICS[:2]:
         if f"{metric} decayed" in table:
             sharper = int((table[f"{metric} decayed"] > table[f"{metric} constant"]).sum())
             parts.append(f"{metrics.label(metric)} is higher for the decayed checkpoint at {sharper} of {len(table)} budgets")
-    return " Sharpness side by side: " + "; ".join(parts) + "."
-
-
-# -- 5 ------------------------------------------------------------------------------------
-
-def tuned_lr_inflections(results: pd.DataFrame, n_boot: int, seed: int, final: pd.DataFrame | None = None) -> Claim:
-    title = ("Tuned LR: even at each checkpoint's best LR, task (T_ft) or pre-training (T_pre) performance "
-             "degrades past some budget")
-    final = tables.finetune_final(results) if final is None else final
-    if final.empty:
-        return _not_testable(5, title, "rise (bpb)", "no fine-tuning in this run")
-    grid = sorted(final["lr"].dropna().unique())
-    rows, paths = [], []
-    for task in sorted(final["task"].dropna().unique()):
-        id_metric, higher_is_better = id_metric_for(final[final["task"] == task])
-        choose = tables.final_points(results, id_metric, final).query("task == @task")
-        report_metric = reporting_metric(id_metric, set(final["metric"]))  # the test part, where measured
-        report = tables.final_points(results, report_metric, final).query("task == @task")
-        ood = tables.final_points(results, "ood_bpb", final).query("task == @task")
-        tuned = curves.tuned_lr(choose, higher_is_better)
-        for schedule, lrs in tuned.groupby("schedule"):
-            edge = curves.at_grid_edge(lrs, grid)
-            paths.append(f"{task} ({schedule}): LR* " + " -> ".join(f"{lr:g}" for lr in lrs.sort_values("tokens")["lr"]))
-            for name, metric, points, better in (("T_ft", report_metric, report, higher_is_better),
-                                                 ("T_pre", "ood_bpb", ood, False)):
-                at = curves.tuned_points(points[points["schedule"] == schedule], lrs)
-                row = {"task": task, "schedule": schedule, "inflection": name, "metric": metric, **_u_row(at, better)}
-                if n_boot and not row["untestable"]:  # the lowest point's interval, the LR chosen again per resample
-                    row["lowest_ci_low"], row["lowest_ci_high"] = curves.tuned_lowest_interval(
-                        choose[choose["schedule"] == schedule], points[points["schedule"] == schedule],
-                        higher_is_better, better, n_boot, seed)
-                if len(edge) and not row["untestable"]:
-                    row |= {"untestable": f"tuned LR at the edge of the grid ({len(edge)} of {len(lrs)} budgets): "
-                                          "the best LR may lie outside it", "p_value": np.nan}
-                rows.append(row)
-    table = _family(rows)
-    claim = _u_verdict(5, title, table, lambda t: _describe_u(t, lambda r: f"{r.inflection} on {r.task} ({r.schedule})"),
-                       "tuned_lr_inflections")
-    claim.finding += f" LR grid {', '.join(f'{lr:g}' for lr in grid)}; tuned on the validation part: " + "; ".join(paths) + "."
-    return claim
+    return " Side by side: " + "; ".join(parts) + "."

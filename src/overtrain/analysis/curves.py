@@ -27,7 +27,7 @@ from scipy import stats
 
 from overtrain.analysis import significance
 from overtrain.analysis.page import short_tokens
-from overtrain.analysis.replicates import Replicates, replicates, resampled_means
+from overtrain.analysis.replicates import Replicates, replicates, resampled_means, unit_values
 
 LEVEL = 0.95
 N_BOOT = 1000
@@ -86,13 +86,28 @@ def _why_no_inflection(curve: Replicates, test: significance.UShape) -> str:
 
 def refined_lowest(tokens: np.ndarray, means: np.ndarray) -> float:
     """The lowest budget moved to the vertex of the parabola through it and its neighbours (log tokens)."""
-    k = int(np.nanargmin(means))
-    if k == 0 or k == len(tokens) - 1:
-        return float(tokens[k])
-    x, y = np.log10(tokens[k - 1:k + 2]), means[k - 1:k + 2]
-    c, b, _ = np.polyfit(x, y, 2)
-    vertex = -b / (2 * c) if c > 0 else x[1]
-    return float(10 ** np.clip(vertex, x[0], x[2]))
+    return float(10 ** lowest_vertex(np.log10(tokens), np.asarray(means, dtype=float)))
+
+
+def lowest_vertex(x: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Where each row of `values` (..., N), over increasing positions `x` (N,), is lowest: its lowest
+    point moved to the vertex of the parabola through it and its two neighbours, kept between them.
+    The lowest point itself at an end, next to a missing value, or where the three do not bend up;
+    NaN where a row has no value."""
+    filled = np.where(np.isfinite(values), values, np.inf)
+    k = np.argmin(filled, axis=-1)
+    lowest = np.where(np.isfinite(filled).any(axis=-1), x[k], np.nan)
+    if len(x) < 3:
+        return lowest
+    middle = np.clip(k, 1, len(x) - 2)
+    x0, x1, x2 = x[middle - 1], x[middle], x[middle + 1]
+    y0, y1, y2 = (np.take_along_axis(values, (middle + shift)[..., None], axis=-1)[..., 0] for shift in (-1, 0, 1))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rise_before, rise_after = (y1 - y0) / (x1 - x0), (y2 - y1) / (x2 - x1)
+        curvature = (rise_after - rise_before) / (x2 - x0)
+        vertex = (x0 + x1) / 2 - rise_before / (2 * curvature)
+    bends_up = (k == middle) & (curvature > 0) & np.isfinite(vertex)
+    return np.where(bends_up, np.clip(vertex, x0, x2), lowest)
 
 
 def lowest_interval(curve: Replicates, n_boot: int, seed: int) -> tuple[float, float]:
@@ -234,11 +249,31 @@ def lr_trend(tuned: pd.DataFrame, constant_below: float = 0.1, quickly_above: fl
     if tuned["tokens"].nunique() < 2:
         return LRTrend(np.nan, "undetermined")
     slope = float(np.polyfit(np.log(tuned["tokens"].astype(float)), np.log(tuned["lr"].astype(float)), 1)[0])
+    return LRTrend(slope, trend_name(slope, constant_below, quickly_above))
+
+
+def trend_name(slope: float, constant_below: float = 0.1, quickly_above: float = 0.5) -> str:
+    """The papers' words for a slope of log(lr*) on log(tokens) (see `lr_trend`)."""
+    if not np.isfinite(slope):
+        return "undetermined"
     if abs(slope) < constant_below:
-        return LRTrend(slope, "constant")
+        return "constant"
     if slope > 0:
-        return LRTrend(slope, "increasing")
-    return LRTrend(slope, "quickly decreasing" if -slope >= quickly_above else "slowly decreasing")
+        return "increasing"
+    return "quickly decreasing" if -slope >= quickly_above else "slowly decreasing"
+
+
+def tuned_log_lr_units(choose: pd.DataFrame, higher_is_better: bool) -> np.ndarray:
+    """Each replicate's own tuned LR at each budget, as log10(LR): (U, B), NaN where it has no value.
+
+    `choose` holds one schedule and task, every LR (the validation metric). Between grid
+    points the LR is placed at the vertex of the parabola in log LR through the best LR and
+    its neighbours (STATISTICS §6: interpolate only where the optimum is bracketed); at an
+    end of the grid it is that end."""
+    lrs = np.sort(choose["lr"].astype(float).unique())
+    values = np.stack([replicates(choose[choose["lr"] == lr], like=choose).values for lr in lrs])  # (L, P, S, B)
+    per_unit = unit_values(values) * (-1 if higher_is_better else 1)                                # (L, U, B)
+    return lowest_vertex(np.log10(lrs), np.moveaxis(per_unit, 0, -1))
 
 
 # -- forgetting at matched fine-tuning loss ------------------------------------------
@@ -310,3 +345,58 @@ def matched_loss_across_lrs(trajectories: pd.DataFrame) -> pd.DataFrame:
     columns = ["schedule", "decayed", "tokens", "checkpoint", "task", "lr", "tau_id_loss_nats", "ood_loss_nats",
                "extra_vs_smallest_lr"]
     return pd.DataFrame(rows, columns=columns)
+
+
+CHECKPOINT_KEY = ["schedule", "decayed", "tokens", "checkpoint"]
+
+
+def matched_loss_by_seed(trajectories: pd.DataFrame) -> pd.DataFrame:
+    """Large vs small LR at the same task loss, per checkpoint, task and seed (so it can be tested).
+
+    Per checkpoint and task, the smallest and the largest LR that learn (their seed-mean task
+    bpb improves on step 0) are compared. tau is the largest of the best task bpbs (`id_bpb`)
+    of their runs, so every run reaches it; each run's pre-training-text bpb (`ood_bpb`) where
+    it first does, interpolated linearly between the evaluations around it (`ood_at_id_loss`).
+    Diverged runs are left out. Rows: the checkpoint, task, pretrain_seed, seed, small_lr,
+    large_lr, tau_id_bpb, ood_small, ood_large and difference (large minus small, bpb)."""
+    columns = [*CHECKPOINT_KEY, "pretrain_seed", "task", "seed", "small_lr", "large_lr", "tau_id_bpb", "ood_small",
+               "ood_large", "difference"]
+    runs = trajectories[~trajectories["diverged"].astype(bool)].dropna(subset=["id_bpb", "ood_bpb"])
+    pair = ["checkpoint", "task"]
+    mean = runs.groupby([*pair, "lr", "step"])["id_bpb"].mean().reset_index()
+    start = mean[mean["step"] == 0].set_index([*pair, "lr"])["id_bpb"]
+    best = mean[mean["step"] > 0].groupby([*pair, "lr"])["id_bpb"].min()
+    learning = (best < start.reindex(best.index)).loc[lambda learns: learns].reset_index()[[*pair, "lr"]]
+    ends = learning.groupby(pair)["lr"].agg(small_lr="min", large_lr="max", count="count").reset_index()
+    ends = ends[ends["count"] >= 2]
+    if ends.empty:
+        return pd.DataFrame(columns=columns)
+    run_keys = [*CHECKPOINT_KEY, "pretrain_seed", "task", "lr", "seed"]
+    compared = runs.merge(ends[[*pair, "small_lr", "large_lr"]], on=pair)
+    compared = compared[(compared["lr"] == compared["small_lr"]) | (compared["lr"] == compared["large_lr"])]
+    id_wide = compared.pivot_table(index=run_keys, columns="step", values="id_bpb")
+    ood_wide = compared.pivot_table(index=run_keys, columns="step", values="ood_bpb").reindex_like(id_wide)
+    keys = id_wide.index.to_frame(index=False)
+    best_after_start = id_wide.loc[:, id_wide.columns > 0].min(axis=1).to_numpy()
+    keys["tau_id_bpb"] = keys.assign(best=best_after_start).groupby(pair)["best"].transform("max")
+    keys["ood"] = _first_crossing(id_wide.to_numpy(), ood_wide.to_numpy(), keys["tau_id_bpb"].to_numpy())
+    keys = keys.merge(ends[[*pair, "small_lr", "large_lr"]], on=pair)
+    side = np.where(keys["lr"] == keys["small_lr"], "ood_small", "ood_large")
+    wide = keys.assign(side=side).pivot_table(index=[*CHECKPOINT_KEY, "pretrain_seed", "task", "seed", "small_lr",
+                                                     "large_lr", "tau_id_bpb"], columns="side", values="ood")
+    wide = wide.reindex(columns=["ood_small", "ood_large"]).reset_index()
+    wide.columns.name = None
+    return wide.assign(difference=wide["ood_large"] - wide["ood_small"])[columns]
+
+
+def _first_crossing(id_values: np.ndarray, ood_values: np.ndarray, tau: np.ndarray) -> np.ndarray:
+    """`ood_at_id_loss` for every row at once: rows are runs, columns evaluations by step."""
+    below = id_values <= tau[:, None]
+    first = np.argmax(below, axis=1)
+    rows = np.arange(len(tau))
+    before = np.maximum(first - 1, 0)
+    id_before, id_at = id_values[rows, before], id_values[rows, first]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        weight = np.where(first > 0, (id_before - tau) / (id_before - id_at), 0.0)
+    ood = ood_values[rows, before] + weight * (ood_values[rows, first] - ood_values[rows, before])
+    return np.where(below.any(axis=1), ood, np.nan)

@@ -26,6 +26,7 @@ SCHEDULE_STYLE = {
     "cosine": ("tab:blue", "-", "o", "cosine to zero (decayed)"),
     "wsd": ("tab:green", "-", "s", "WSD branch (decayed)"),
     "constant": ("tab:gray", "--", "^", "constant LR (undecayed)"),
+    "monitored": ("tab:purple", "-", "o", "monitored run (its iterates)"),
 }
 UNKNOWN_STYLE = ("black", "-.", "D", None)
 PANEL_SIZE = (4.6, 3.4)  # inches per panel

@@ -11,13 +11,18 @@ measured, at its sizes). docs/POWER.md says how to read the result.
 The simulated curves, in x = tokens / the design's first budget:
 - base bpb falls and flattens: BASE_FLOOR + BASE_DROP / x (decayed checkpoints a
   little lower); the bpb under noise of size gamma is base + delta, delta =
-  SENSITIVITY * gamma^2, flat in tokens (null) or growing as x^growth (effect);
-- fine-tuning forgets F(lr) = FORGETTING_AT_LOWEST_LR * (lr / lowest LR)^0.5 of
-  pre-training-text bpb, reached as sqrt(step / steps); under the effect decayed
-  checkpoints forget DECAYED_EXTRA_FORGETTING more and forgetting grows with
-  ln(x), which makes a U after fine-tuning;
+  SENSITIVITY * gamma^2, the same for both schedules and flat in tokens (null), or
+  lower for constant-LR checkpoints and growing as x^growth (effect);
 - task bpb after fine-tuning falls with tokens (no U) and is a bowl in log LR with
-  its bottom at the middle LR of the grid, so the tuned LR is inside the grid.
+  its bottom at the middle LR of the grid (null), moving slowly to smaller LRs as
+  tokens grow (effect), so the tuned LR is inside the grid; the task is learned as
+  sqrt(step / steps);
+- fine-tuning forgets pre-training-text bpb in step with what it learns of the task
+  (null: at equal task loss every LR has forgotten the same), or F(lr) =
+  FORGETTING_AT_LOWEST_LR * (lr / lowest LR)^0.5 reached as sqrt(step / steps)
+  (effect: larger LRs forget more at equal task loss); under the effect decayed
+  checkpoints forget DECAYED_EXTRA_FORGETTING more and forgetting grows with ln(x),
+  which makes a U after fine-tuning.
 
 Noise is Gaussian: one draw per second-level seed of every checkpoint (noise seed
 of a probe, fine-tuning run: a run's luck is the same at each of its evaluations),
@@ -72,8 +77,8 @@ DECAY_BONUS_BPB = 0.17
 # bpb of a byte-level tokenizer's token in nats: loss_nats = bpb * ln 2 (one byte per token)
 NATS_PER_BPB = math.log(2)
 # delta_bpb of a decayed checkpoint at the first budget, per gamma^2 (with the growth below
-# it puts the wsd minima where REPRODUCTION.md found them); constant-LR checkpoints are less
-# sensitive: KL sharpness 0.0704 vs 0.0866 at the first budget (REPRODUCTION.md, claim 4).
+# it puts the wsd minima where REPRODUCTION.md found them); under the effect constant-LR checkpoints
+# are less sensitive: KL sharpness 0.0704 vs 0.0866 at the first budget (REPRODUCTION.md).
 SENSITIVITY_PER_GAMMA2_BPB = 0.5
 CONSTANT_LR_SENSITIVITY_RATIO = 0.0704 / 0.0866
 # Forgetting (final minus start pre-training-text bpb) at the grid's lowest LR, and how it
@@ -89,6 +94,9 @@ TASK_FLOOR_BPB = 3.2
 TASK_DROP_BPB = 0.3
 TASK_LEARNED_BPB = 0.7
 TASK_LR_BOWL_BPB = 0.2
+# Null forgetting per bpb of task learned: at the bottom of the bowl, the ~0.31 bpb REPRODUCTION.md's
+# checkpoints forget at its middle LR (1e-3).
+NULL_FORGETTING_PER_TASK_BPB = 0.31 / TASK_LEARNED_BPB
 
 # -- effect sizes: the effects REPRODUCTION.md measured, at its sizes --------------------------
 # Claims 1-2. delta_bpb grows as x^growth: KL sharpness (gamma 0.5) grew 0.0866 -> 0.185
@@ -104,6 +112,11 @@ DECAYED_EXTRA_FORGETTING_BPB = 0.117
 # bpb: REPRODUCTION.md found no T_ft.
 FORGETTING_GROWTH = BASE_DROP_BPB / ((FORGETTING_AT_LOWEST_LR_BPB * 10**FORGETTING_LR_EXPONENT
                                       + DECAYED_EXTRA_FORGETTING_BPB) * 4)
+
+# Claim lr_trend: under the effect the bottom of the task's LR bowl moves as x^LR_TREND_SLOPE, the
+# papers' "slowly decreasing" (Springer et al. give no number at this scale; -0.15 keeps it
+# inside a grid whose LRs are half a decade apart over a 16-fold range of budgets).
+LR_TREND_SLOPE = -0.15
 
 VERDICTS = ("holds", "does not hold", "not testable")
 
@@ -372,10 +385,11 @@ def _sensitivity_rows(checkpoints: pd.DataFrame, design: Design, noise: Noise, p
     """perturbed and delta bpb per (checkpoint, gamma, noise seed); perturbed = base + delta in every draw."""
     rows = checkpoints.merge(_product(gamma=design.gammas, seed=design.noise_seeds), how="cross")
     decayed = rows["decayed"].astype(bool)
-    level = SENSITIVITY_PER_GAMMA2_BPB * rows["gamma"] ** 2 * np.where(decayed, 1.0, CONSTANT_LR_SENSITIVITY_RATIO)
-    growth = np.where(decayed, SENSITIVITY_GROWTH[True], SENSITIVITY_GROWTH[False])
+    level = SENSITIVITY_PER_GAMMA2_BPB * rows["gamma"] ** 2
+    effect = level * np.where(decayed, 1.0, CONSTANT_LR_SENSITIVITY_RATIO) * rows["x"] ** np.where(
+        decayed, SENSITIVITY_GROWTH[True], SENSITIVITY_GROWTH[False])
     run, where = draws.block(len(rows)), (rows["pre"], rows["budget"])
-    delta = rows.assign(quantity="delta", null=level, effect=level * rows["x"] ** growth,
+    delta = rows.assign(quantity="delta", null=level, effect=effect,
                         draw_0=run, size_0=rows["gamma"].map(noise.probe_sd),
                         draw_1=pretrain_luck["delta_bpb"][where], size_1=noise.pretrain_sd("delta_bpb"))
     base = _base_bpb(rows)
@@ -397,19 +411,22 @@ def _finetune_rows(checkpoints: pd.DataFrame, design: Design, noise: Noise, pret
     started = (rows["step"] > 0).astype(float)  # before its first step, a run is its checkpoint
     where = (rows["pre"], rows["budget"])
     base = _base_bpb(rows)
+    middle_lr = sorted(design.lrs)[len(design.lrs) // 2]
+    learned = {kind: TASK_LEARNED_BPB - TASK_LR_BOWL_BPB * np.log10(rows["lr"] / best_lr) ** 2
+               for kind, best_lr in (("null", middle_lr), ("effect", middle_lr * rows["x"] ** LR_TREND_SLOPE))}
     forgetting = FORGETTING_AT_LOWEST_LR_BPB * (rows["lr"] / min(design.lrs)) ** FORGETTING_LR_EXPONENT
     grown = (forgetting + DECAYED_EXTRA_FORGETTING_BPB * rows["decayed"]) * (1 + FORGETTING_GROWTH * np.log(rows["x"]))
     # the spread of final ood bpb across pre-training seeds beyond the base model's
     extra = math.sqrt(max(noise.pretrain_sd("ood_bpb") ** 2 - noise.pretrain_sd("bpb") ** 2, 0.0))
-    ood = rows.assign(quantity="ood", null=base + forgetting * done, effect=base + grown * done,
+    ood = rows.assign(quantity="ood", null=base + NULL_FORGETTING_PER_TASK_BPB * learned["null"] * done,
+                      effect=base + grown * done,
                       draw_0=luck["ood"][rows["run"]], size_0=rows["lr"].map(noise.ood_sd) * started,
                       draw_1=pretrain_luck["bpb"][where], size_1=noise.pretrain_sd("bpb"),
                       draw_2=pretrain_luck["forgetting"][where], size_2=extra * started)
-    best_lr = sorted(design.lrs)[len(design.lrs) // 2]
-    learned = TASK_LEARNED_BPB - TASK_LR_BOWL_BPB * np.log10(rows["lr"] / best_lr) ** 2
-    task_bpb = TASK_FLOOR_BPB + TASK_DROP_BPB / rows["x"] - DECAY_BONUS_BPB * rows["decayed"] - learned * done
+    task_bpb = {kind: TASK_FLOOR_BPB + TASK_DROP_BPB / rows["x"] - DECAY_BONUS_BPB * rows["decayed"] - learned[kind] * done
+                for kind in ("null", "effect")}
     task_index = rows["task"].map({task: i for i, task in enumerate(design.tasks)})
-    task = {name: rows.assign(quantity=name, null=task_bpb, effect=task_bpb,
+    task = {name: rows.assign(quantity=name, null=task_bpb["null"], effect=task_bpb["effect"],
                               draw_0=luck[name][rows["run"]], size_0=rows["lr"].map(noise.task_sd) * started,
                               draw_1=task_luck[rows["pre"], rows["budget"], task_index], size_1=noise.pretrain_sd("id_bpb"))
             for name in ("id", "id_test")}
@@ -420,7 +437,7 @@ def _finetune_rows(checkpoints: pd.DataFrame, design: Design, noise: Noise, pret
 
 @dataclass(frozen=True)
 class ClaimPower:
-    claim: int
+    claim: str  # its short id
     title: str
     false_positive_rate: float | None  # share of null studies where it holds; None: never testable here
     power: float | None  # share of effect studies where it holds
@@ -475,19 +492,19 @@ def _sds(table: dict) -> str:
 
 @dataclass
 class Tally:
-    """Verdicts of the claims over simulated studies: counts per claim and verdict, titles, and
-    the reasons given for "not testable"."""
+    """Verdicts of the claims over simulated studies: counts per claim (by id) and verdict, titles,
+    and the reasons given for "not testable"."""
 
-    verdicts: dict[int, Counter] = field(default_factory=dict)
-    reasons: dict[int, Counter] = field(default_factory=dict)
-    titles: dict[int, str] = field(default_factory=dict)
+    verdicts: dict[str, Counter] = field(default_factory=dict)
+    reasons: dict[str, Counter] = field(default_factory=dict)
+    titles: dict[str, str] = field(default_factory=dict)
 
     def add(self, found: list) -> None:
         for claim in found:
-            self.titles[claim.number] = claim.title
-            self.verdicts.setdefault(claim.number, Counter())[claim.verdict] += 1
+            self.titles[claim.id] = claim.title
+            self.verdicts.setdefault(claim.id, Counter())[claim.verdict] += 1
             if claim.verdict == "not testable":
-                self.reasons.setdefault(claim.number, Counter())[claim.reason] += 1
+                self.reasons.setdefault(claim.id, Counter())[claim.reason] += 1
 
 
 def count_verdicts(studies: SimulatedStudies, effect: bool, simulations: int, rng: np.random.Generator,
@@ -507,14 +524,14 @@ def estimate_power(design: Design, noise: Noise, simulations: int = DEFAULT_SIMU
     rng = np.random.default_rng(seed)
     with tqdm(total=2 * simulations, desc="power", unit="study", dynamic_ncols=True) as bar:
         null, effect = (count_verdicts(studies, with_effect, simulations, rng, bar) for with_effect in (False, True))
-    return PowerReport([_claim_power(number, null, effect, simulations) for number in sorted(null.titles)], design, noise)
+    return PowerReport([_claim_power(claim, null, effect, simulations) for claim in null.titles], design, noise)
 
 
-def _claim_power(number: int, null: Tally, effect: Tally, simulations: int) -> ClaimPower:
-    verdicts = {"null": null.verdicts[number], "effect": effect.verdicts[number]}
+def _claim_power(claim: str, null: Tally, effect: Tally, simulations: int) -> ClaimPower:
+    verdicts = {"null": null.verdicts[claim], "effect": effect.verdicts[claim]}
     never_testable = all(counts["not testable"] == simulations for counts in verdicts.values())
-    reason = (null.reasons[number] + effect.reasons[number]).most_common(1)[0][0] if never_testable else ""
-    return ClaimPower(number, null.titles[number],
+    reason = (null.reasons[claim] + effect.reasons[claim]).most_common(1)[0][0] if never_testable else ""
+    return ClaimPower(claim, null.titles[claim],
                       None if never_testable else verdicts["null"]["holds"] / simulations,
                       None if never_testable else verdicts["effect"]["holds"] / simulations,
                       simulations, {v: verdicts["null"][v] for v in VERDICTS}, {v: verdicts["effect"][v] for v in VERDICTS},

@@ -52,13 +52,22 @@ class Replicates:
         """(U, B) replicate-by-budget values for the tests: each pre-training seed's mean over its
         seeds when the study has several pre-training seeds, else the seeds of its one run.
         Replicates missing a budget are dropped, so that every difference stays paired."""
-        matrix = np.nanmean(self.values, axis=1) if self.pretrain_seeds >= 2 else self.values[0]
+        matrix = unit_values(self.values)
         return matrix[np.isfinite(matrix).all(axis=1)]
 
     def means(self) -> np.ndarray:
         """(B,) the curve: mean over seeds within each pre-training seed, then over pre-training seeds."""
         with _quiet():
             return np.nanmean(np.nanmean(self.values, axis=1), axis=0)
+
+
+def unit_values(values: np.ndarray) -> np.ndarray:
+    """(..., U, B) replicates of values (..., P, S, B), as `Replicates.units` counts them (NaN kept)."""
+    *rest, pretrain, seeds, budgets = values.shape
+    if pretrain < 2:  # the seeds of the one run (or no run at all)
+        return values.reshape(*rest, pretrain * seeds, budgets)
+    with _quiet():
+        return np.nanmean(values, axis=-2)
 
 
 def replicates(points: pd.DataFrame, value: str = "value", like: pd.DataFrame | None = None) -> Replicates:

@@ -28,9 +28,10 @@ from overtrain.analysis import curves, page, plots, tables
 from overtrain.analysis.page import Figure, Section, Table, sig
 from overtrain.analysis.page import short_tokens
 from overtrain.analysis.recommend import Constraint, Recommendation, id_metric_for, recommend, reporting_metric
-from overtrain.errors import SpecError
+from overtrain.errors import SpecError, StoreError
 from overtrain.probes import metrics
 from overtrain.study.folder import ReportFolder, RunFolder
+from overtrain.study.plan import MONITORED
 from overtrain.study.store import load_results
 from overtrain.theory.run import TITLE as THEORY_TITLE
 from overtrain.theory.run import written_summary
@@ -51,7 +52,7 @@ def build_report(run_dir: str | Path, task: str | None = None, max_bpb: float | 
     Constraint.of(max_bpb, within_bpb)  # a bad option is named before the folder is read
     folder = RunFolder(run_dir)
     results = load_results(run_dir)  # first: it names the missing or damaged store of a folder that is not a run
-    study = json.loads(folder.study.read_text())
+    study = json.loads(read_settings(folder).read_text())
     return write_report(results, study, folder.report.path, task, max_bpb, within_bpb, n_boot, seed,
                         theory_dir=folder.theory)
 
@@ -82,6 +83,14 @@ def write_report(results: pd.DataFrame, study: dict, out: Path, task: str | None
     return out
 
 
+def read_settings(folder: RunFolder) -> Path:
+    """The file that says what the run measured: a study's study.json, or a monitored training run's monitor.json."""
+    for path in (folder.study, folder.monitor):
+        if path.exists():
+            return path
+    raise StoreError(f"{folder}: has a results store but no study.json or monitor.json to say what it measured")
+
+
 def remove_previous_build(out: Path) -> None:
     """Drop the figures, tables and answer of an earlier build, so nothing stale survives a rebuild."""
     for stale in [*out.glob("*.png"), *ReportFolder(out).tables.glob("*.csv")]:
@@ -91,7 +100,12 @@ def remove_previous_build(out: Path) -> None:
 
 def study_settings(study: dict) -> list[tuple[str, str]]:
     """The settings a reader needs to interpret the numbers, as (label, value) pairs."""
-    settings = own_checkpoint_settings(study) if study.get("pretrain") else existing_checkpoint_settings(study)
+    if study.get("monitor"):
+        settings = monitored_settings(study["monitor"])
+    elif study.get("audit"):
+        settings = audited_settings(study["audit"])
+    else:
+        settings = own_checkpoint_settings(study) if study.get("pretrain") else existing_checkpoint_settings(study)
     if study.get("sensitivity"):
         sens = study["sensitivity"]
         settings.append(("perturbation", f"gamma {', '.join(f'{g:g}' for g in sens['gammas'])}; "
@@ -112,6 +126,21 @@ def own_checkpoint_settings(study: dict) -> list[tuple[str, str]]:
         ("pre-training budgets", ", ".join(short_tokens(b) for b in pre["budgets"]) + " tokens"),
         ("schedules", f"{', '.join(pre['schedules'])}; peak LR {pre['peak_lr']:g}"),
     ]
+
+
+def monitored_settings(monitor: dict) -> list[tuple[str, str]]:
+    """A training run measured as it trained (overtrain.monitor): the model, the text, how tokens were counted."""
+    return [("monitored training run", f"{monitor['model']}, measured by overtrain.monitor as it trained"),
+            ("held-out text", f"{monitor['heldout_tokens']:,} tokens in windows of {monitor['seq_len']}; "
+                              f"KL sharpness at gamma {monitor['kl_gamma']:g} on the first batch"),
+            ("tokens seen", monitor["tokens_counted"])]
+
+
+def audited_settings(audit: dict) -> list[tuple[str, str]]:
+    """A series measured by `overtrain audit`: where the checkpoints come from, and the text."""
+    return [("checkpoints", "; ".join(audit["sources"])),
+            ("held-out text", f"the default corpus' held-out documents, the first {audit['heldout_tokens']:,} tokens "
+                              "in each checkpoint's own tokenizer")]
 
 
 def existing_checkpoint_settings(study: dict) -> list[tuple[str, str]]:
@@ -169,7 +198,8 @@ class Report:
         candidate table; also written as recommendation.json."""
         section = Section("Recommendation", lead=True)
         if not tasks:
-            section.paragraphs.append("No fine-tuning results yet: the recommendation needs the fine-tuning sweep.")
+            section.paragraphs.append(MONITORED_LEAD if (self.results["schedule"] == MONITORED).any() else
+                                      "No fine-tuning results yet: the recommendation needs the fine-tuning sweep.")
         answers = []
         for task in tasks:
             found = recommend(self.results, task, constraint, self.n_boot, self.seed)
@@ -206,7 +236,7 @@ class Report:
             return Section("Checkpoints")
         return Section("Checkpoints", [
             f"{len(series)} existing checkpoints, each identified by the sha256 of its weights (first 16 hex digits; "
-            "the whole hash is in its folder's overtrain.json).", *duplicate_notes(series)],
+            "the whole hash is in its folder's overtrain.json, or in an audit's audit.json).", *duplicate_notes(series)],
             tables=[("checkpoints", series)])
 
     # -- the base model -----------------------------------------------------------------
@@ -533,6 +563,12 @@ RECOMMENDATION_RULE = (
     "before fine-tuning) is shown, not used: it would penalize a checkpoint for having been better to begin with. "
     "'Chosen in x%' is how often a candidate wins when the seeds are redrawn and the whole choice is made again.")
 
+MONITORED_LEAD = (
+    "A training run measured as it trained (overtrain.monitor): held-out bpb, the bpb rise under Gaussian noise and "
+    "the KL sharpness of its iterates, against tokens, below. A rise under noise that grows with tokens is the early "
+    "sign of a model getting harder to fine-tune. Nothing was fine-tuned, so there is no recommendation: "
+    "`overtrain audit` on saved checkpoints finds the fine-tuning LRs that keep forgetting within a bound.")
+
 
 def describe_recommendation(found: Recommendation) -> list[str]:
     """The answer for one task in a sentence or three: what to run, what it gives, how sure."""
@@ -647,6 +683,7 @@ def interval_scope(results: pd.DataFrame, second_level: str = "fine-tuning/noise
         return (f"Intervals count the {len(seeds)} pre-training seeds as the replicates, with the {second_level} "
                 "within each one level below.")
     why = ("the checkpoints of one existing run" if (results["kind"] == "import").any()
+           else "the iterates of one monitored run" if (results["schedule"] == MONITORED).any()
            else "one pre-training seed; add pretrain.seeds")
     return f"Intervals cover {second_level} only, not the pre-training run's own luck ({why})."
 

@@ -151,6 +151,23 @@ def finetune_final(results: pd.DataFrame) -> pd.DataFrame:
     return pd.concat([final, broken], ignore_index=True)
 
 
+def early_stopped(results: pd.DataFrame, metric: str, higher_is_better: bool,
+                  final: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Each fine-tuning run at the evaluation after step 0 where `metric` (a validation metric) is
+    best: its metrics at that step (tidy, as `finetune_final`), the step chosen per run (STATISTICS §6).
+
+    With one evaluation after step 0, or a metric measured at the last step only (accuracy),
+    that is the last step. A diverged run stays as `finetune_final` has it (NaN, diverged)."""
+    runs = finetune_runs(results)
+    final = finetune_final(results) if final is None else final
+    broken = final[final["diverged"].astype(bool)]
+    finished = runs[~runs["cell"].isin(broken["cell"])]
+    scored = finished[(finished["metric"] == metric) & (finished["step"] > 0) & finished["value"].notna()]
+    best = scored.groupby("cell")["value"].idxmax() if higher_is_better else scored.groupby("cell")["value"].idxmin()
+    stopped = finished.merge(scored.loc[best.to_numpy(), ["cell", "step"]], on=["cell", "step"]).assign(diverged=False)
+    return pd.concat([stopped, broken], ignore_index=True)
+
+
 def finetune_start(results: pd.DataFrame) -> pd.DataFrame:
     """Each fine-tuning run's metrics at step 0, before any update (tidy, one row per metric)."""
     runs = finetune_runs(results)

@@ -12,7 +12,8 @@ measured with a study's probes (probes.suite) and fine-tuning loop (train.loop):
 
 The model is restored bit for bit between LRs from one copy of its weights. A series
 is audited checkpoint by checkpoint (once per distinct weights), and `series.md` puts
-their figures side by side with each one's verdict.
+their figures side by side with each one's verdict, and `report/index.html` draws them
+against tokens as a study's report (audit/report.py). One progress line follows the phases.
 """
 
 from __future__ import annotations
@@ -25,12 +26,15 @@ from pathlib import Path
 
 import torch
 
+from overtrain.audit.progress import AuditProgress
+from overtrain.audit.report import series_report
 from overtrain.audit.result import AuditConfig, AuditResult, Costs
 from overtrain.audit.words import audit_page, series_page, side_by_side
 from overtrain.data.corpus import default_heldout_batches
 from overtrain.data.examples import TEST, VALIDATION, TokenizedTask
 from overtrain.data.tasks import load_task
 from overtrain.data.tokenizer import token_byte_lengths
+from overtrain.models.build import parameter_count
 from overtrain.models.series import SeriesCheckpoint, hash_and_flag_duplicates, load_series_model
 from overtrain.probes.loss import heldout_metrics
 from overtrain.probes.metrics import check_rows
@@ -45,49 +49,62 @@ from overtrain.train.schedules import Schedule
 
 def audit(checkpoint: SeriesCheckpoint, config: AuditConfig, out_dir: str | Path, device: str = "auto") -> AuditResult:
     """Audit one model into `out_dir`: audit.md (plain words), audit.csv (every figure), audit.json."""
-    model, tokenizer, costs = _load_and_hash(checkpoint, pick_device(device))
-    return _audit_loaded(model, tokenizer, checkpoint, config, Path(out_dir), costs)
+    progress = AuditProgress(1, config)
+    model, tokenizer, costs = _load_and_hash(checkpoint, pick_device(device), progress)
+    try:
+        return _audit_loaded(model, tokenizer, checkpoint, config, Path(out_dir), costs, progress)
+    finally:
+        progress.close()
 
 
 def audit_series(series: list[SeriesCheckpoint], config: AuditConfig, out_dir: str | Path,
                  device: str = "auto") -> list[AuditResult]:
-    """Audit each checkpoint into `out_dir/<label>/`, then `series.md` and `series.csv` side by side.
+    """Audit each checkpoint into `out_dir/<label>/`, then `series.md` and `series.csv` side by side,
+    and `report/index.html`, the series drawn against tokens.
 
     A checkpoint whose weights repeat an earlier one's is flagged and not audited again.
     """
     out_dir, on = Path(out_dir), pick_device(device)
-    results = []
-    for index, checkpoint in enumerate(series):
-        model, tokenizer, costs = _load_and_hash(checkpoint, on)
-        hash_and_flag_duplicates(series[: index + 1])  # against the checkpoints before it; loads nothing
-        if checkpoint.duplicate_of is None:
-            folder = out_dir / re.sub(r"[^A-Za-z0-9_.@-]+", "_", checkpoint.label)
-            results.append(_audit_loaded(model, tokenizer, checkpoint, config, folder, costs))
-        del model  # one model in memory at a time
+    results, parameters = [], {}
+    progress = AuditProgress(len(series), config)
+    try:
+        for index, checkpoint in enumerate(series):
+            model, tokenizer, costs = _load_and_hash(checkpoint, on, progress)
+            hash_and_flag_duplicates(series[: index + 1])  # against the checkpoints before it; loads nothing
+            if checkpoint.duplicate_of is None:
+                parameters[checkpoint.label] = parameter_count(model)
+                folder = out_dir / re.sub(r"[^A-Za-z0-9_.@-]+", "_", checkpoint.label)
+                results.append(_audit_loaded(model, tokenizer, checkpoint, config, folder, costs, progress))
+            else:
+                progress.skipped(f"the weights of {checkpoint.duplicate_of}; not audited again")
+            del model  # one model in memory at a time
+    finally:
+        progress.close()
     table = side_by_side(results)
     table.to_csv(out_dir / "series.csv")
     (out_dir / "series.md").write_text(series_page(results, series, table))
+    series_report(results, series, parameters, config, out_dir / "report")
     return results
 
 
-def _load_and_hash(checkpoint: SeriesCheckpoint, device: torch.device):
+def _load_and_hash(checkpoint: SeriesCheckpoint, device: torch.device, progress: AuditProgress):
     """(model on `device`, tokenizer, the audit's costs with the load timed); the weights hashed."""
     costs = Costs(device=str(device))
-    with costs.phase("load"):
+    with progress.phase(costs, "load", checkpoint.label):
         model, tokenizer = load_series_model(checkpoint, str(device))
         checkpoint.weights_sha256 = weights_sha256(model)
     return model, tokenizer, costs
 
 
 def _audit_loaded(model, tokenizer, checkpoint: SeriesCheckpoint, config: AuditConfig, out_dir: Path,
-                  costs: Costs) -> AuditResult:
+                  costs: Costs, progress: AuditProgress) -> AuditResult:
     out_dir.mkdir(parents=True, exist_ok=True)
     text = default_heldout_batches(tokenizer, config.heldout_tokens, config.seq_len, config.batch_size, config.seed)
     byte_lengths = token_byte_lengths(tokenizer)
-    rows = [{"kind": "probe", **row} for row in _probe(model, text, byte_lengths, config, costs)]
-    with costs.phase("lr_sweep"):
+    rows = [{"kind": "probe", **row} for row in _probe(model, text, byte_lengths, config, costs, progress)]
+    with progress.phase(costs, "lr_sweep"):
         rows += [{"kind": "finetune", "task": config.task, "seed": config.seed, **row}
-                 for row in _lr_sweep(model, tokenizer, config, text, byte_lengths, costs)]
+                 for row in _lr_sweep(model, tokenizer, config, text, byte_lengths, costs, progress)]
     costs.peak_gpu_gib = peak_gpu_gib(next(model.parameters()).device)
     columns = {"checkpoint": checkpoint.label, "tokens": checkpoint.tokens, "weights": checkpoint.weights_sha256[:16]}
     result = AuditResult(checkpoint, config, [{**columns, **row} for row in rows], costs)
@@ -100,24 +117,26 @@ def _audit_loaded(model, tokenizer, checkpoint: SeriesCheckpoint, config: AuditC
     return result
 
 
-def _probe(model, text: list[dict], byte_lengths, config: AuditConfig, costs: Costs) -> list[dict]:
+def _probe(model, text: list[dict], byte_lengths, config: AuditConfig, costs: Costs,
+           progress: AuditProgress) -> list[dict]:
     """The model as it is: held-out loss and bpb, Gaussian sensitivity, KL sharpness, top Hessian eigenvalue."""
-    with costs.phase("base"):
+    with progress.phase(costs, "base"):
         rows = heldout_rows(model, text, byte_lengths)
     costs.eval_tokens_per_second = sum(b["input_ids"].numel() for b in text) / costs.seconds["base"]
-    with costs.phase("sensitivity"):
+    with progress.phase(costs, "sensitivity"):
         measure = partial(heldout_metrics, batches=text, byte_lengths=byte_lengths)
         rows += sensitivity_rows(model, config.gammas, config.noise_seeds, measure)
-    with costs.phase("kl_sharpness"):
+    with progress.phase(costs, "kl_sharpness"):
         rows += kl_rows(model, text[:1], config.kl_gamma, config.noise_seeds)
     if config.hessian_tokens:
-        with costs.phase("hessian"):
+        with progress.phase(costs, "hessian"):
             subset = [{k: v[:1, : config.hessian_tokens] for k, v in text[0].items()}]
             rows += hessian_rows(causal_lm_objective(model, subset), top_k=1, tol=1e-2)
     return rows
 
 
-def _lr_sweep(model, tokenizer, config: AuditConfig, text: list[dict], byte_lengths, costs: Costs) -> list[dict]:
+def _lr_sweep(model, tokenizer, config: AuditConfig, text: list[dict], byte_lengths, costs: Costs,
+              progress: AuditProgress) -> list[dict]:
     """Fine-tune from the same start at each LR: rows at step 0 (measured once) and at each run's last step."""
     data = TokenizedTask.from_task(load_task(config.task, seed=config.seed), tokenizer, config.finetune_seq_len,
                                    config.eval_examples)
@@ -129,6 +148,7 @@ def _lr_sweep(model, tokenizer, config: AuditConfig, text: list[dict], byte_leng
     before = evaluate(model) | capabilities(model)
     rows, tokens_trained, seconds_training = [], 0, 0.0
     for lr in config.lrs:
+        progress.show(f"lr_sweep, LR {lr:g}")
         torch.manual_seed(config.seed)
         schedule = Schedule("linear", lr, config.steps, max(1, config.steps // 10))
         result = train(model, data.batches(config.batch_size, config.seed), TrainConfig(steps=config.steps, schedule=schedule,

@@ -140,7 +140,10 @@ def series_page(results: list[AuditResult], series: list[SeriesCheckpoint], tabl
             verdicts.append(f"`{checkpoint.label}` ({tokens}): {verdict(by_label[checkpoint.label])}")
     sections = [Section("Verdicts", bullets=verdicts),
                 Section("Side by side", paragraphs=["Each checkpoint's own report, with its sweep and timings: "
-                                                    "`<checkpoint>/audit.md`."],
+                                                    "`<checkpoint>/audit.md`. The series drawn against tokens, as a "
+                                                    "study's report (sensitivity, forgetting at each LR, the "
+                                                    "frontier): `report/index.html` (checkpoints whose tokens are "
+                                                    "unknown have no point there)."],
                         text_tables=[Table("", table.map(_readable), index=True)])]
     return to_markdown(f"Audit of a series of {len(series)} checkpoints", [], sections)
 

@@ -92,8 +92,22 @@ def default_heldout_batches(tokenizer, tokens: int, seq_len: int, batch_size: in
     """The first `tokens` of the default corpus' held-out documents, in any model's tokenizer:
     the same text for every model, so their bits-per-byte compare."""
     _, heldout = split_documents(default_documents(), 0.02, seed)
-    stream = encode_documents(heldout[:200], tokenizer)
+    return text_batches(heldout[:200], tokenizer, tokens, seq_len, batch_size)
+
+
+def text_batches(documents: list[str], tokenizer, tokens: int, seq_len: int, batch_size: int) -> list[dict[str, torch.Tensor]]:
+    """The first `tokens` of `documents` (each followed by end-of-text) as consecutive windows of
+    `seq_len`, `batch_size` windows a batch; only as many documents are encoded as that needs."""
+    pieces, encoded = [], 0
+    for start in range(0, len(documents), 64):
+        if encoded >= tokens:
+            break
+        pieces.append(encode_documents(documents[start:start + 64], tokenizer))
+        encoded += len(pieces[-1])
+    stream = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
     n_windows = min(tokens, len(stream)) // seq_len
+    if n_windows == 0:
+        return []  # (splitting an empty tensor would give one empty batch)
     windows = torch.from_numpy(stream[: n_windows * seq_len].astype(np.int64)).view(n_windows, seq_len)
     return [{"input_ids": w, "labels": w} for w in windows.split(batch_size)]
 

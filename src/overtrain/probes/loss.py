@@ -1,4 +1,4 @@
-"""Held-out loss (nats per token) and bits per byte.
+"""Held-out loss (nats per token) and bits per byte, of a model or of every member of an ensemble.
 
 bpb = (sum of next-token losses in nats) / (ln 2 * bytes of the predicted tokens):
 it does not depend on the tokenizer, so models with different vocabularies compare.
@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from overtrain.models.stacked import StackedLlama
 from overtrain.probes.scoring import full_precision, next_token_targets
 
 
@@ -35,6 +36,28 @@ def heldout_metrics(model: torch.nn.Module, batches: list[dict[str, torch.Tensor
             total_tokens += len(targets)
             total_bytes += byte_table[targets.cpu()].sum().item()
     model.train(was_training)
+    return _metrics(total_nats, total_tokens, total_bytes)
+
+
+@torch.inference_mode()
+def stacked_heldout_metrics(stack: StackedLlama, batches: list[dict[str, torch.Tensor]],
+                            byte_lengths: np.ndarray) -> list[dict[str, float]]:
+    """`heldout_metrics` of every member of an ensemble, in one forward pass per batch
+    (each member reads the same batches); one dict per member."""
+    byte_table = torch.as_tensor(byte_lengths, dtype=torch.float64)
+    nats = torch.zeros(stack.members, dtype=torch.float64)
+    total_tokens, total_bytes = 0, 0.0
+    with full_precision(stack.device):
+        for batch in batches:
+            losses, counted = stack.token_losses(batch["input_ids"].to(stack.device), batch["labels"].to(stack.device))
+            nats += losses.double().sum(dim=(1, 2)).cpu()
+            targets = batch["labels"][:, 1:][counted[0].cpu()]  # the same positions count for every member
+            total_tokens += len(targets)
+            total_bytes += byte_table[targets].sum().item()
+    return [_metrics(n, total_tokens, total_bytes) for n in nats.tolist()]
+
+
+def _metrics(total_nats: float, total_tokens: int, total_bytes: float) -> dict[str, float]:
     loss = total_nats / max(total_tokens, 1)
     return {
         "loss_nats": loss,

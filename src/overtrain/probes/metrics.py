@@ -2,8 +2,8 @@
 
 A result row is {metric, value} plus context columns (checkpoint, lr, gamma, seed,
 step, ...). Its `metric` is one of the names declared below or a member of one of
-the families (`hessian_eig_3`, `bench_piqa_acc`, `delta_bpb`, ...). Readers ask
-here for a metric's unit, direction and label (`unit`, `higher_is_better`,
+the families (`hessian_eig_3`, `bench_piqa_acc`, `bench_lm_eval_arc_easy_acc`,
+`delta_bpb`, ...). Readers ask here for a metric's unit, direction and label (`unit`, `higher_is_better`,
 `label`); `check_rows` rejects a row whose metric is not declared, so a new probe
 cannot emit a name nobody can read.
 """
@@ -96,6 +96,11 @@ def _benchmark(match: re.Match) -> Metric:
     return Metric(match[0], FRACTION, True, f"{match[1]} accuracy{norm}")
 
 
+def _lm_eval_benchmark(match: re.Match) -> Metric:
+    norm = " per character" if match[2] else ""
+    return Metric(match[0], FRACTION, True, f"{match[1]} accuracy{norm} (lm-eval)")
+
+
 def _perturbed(match: re.Match) -> Metric:
     base = METRICS[match[2]]
     words = "under noise" if match[1] == "perturbed" else "change under noise"
@@ -104,6 +109,7 @@ def _perturbed(match: re.Match) -> Metric:
 
 _FAMILIES: list[tuple[re.Pattern, Callable[[re.Match], Metric]]] = [
     (re.compile(r"hessian_eig_([2-9]|[1-9]\d+)"), _hessian_eig),  # eigenvalues 2..k, largest first
+    (re.compile(r"bench_lm_eval_([a-z0-9_]+?)_acc(_norm)?"), _lm_eval_benchmark),  # `lm_eval:TASK` (probes/harness.py)
     (re.compile(r"bench_([a-z0-9_]+?)_acc(_norm)?"), _benchmark),
     (re.compile(rf"(perturbed|delta)_({'|'.join(NOISED)})"), _perturbed),  # delta = perturbed - unperturbed
 ]

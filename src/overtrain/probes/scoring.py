@@ -162,23 +162,6 @@ def evaluate_mc(model, tokenizer, items: Sequence[MCItem], batch_size: int = 16,
     return {"acc": correct / n if n else float("nan"), "acc_norm": correct_norm / n if n else float("nan"), "n": n}
 
 
-def evaluate_with_lm_eval(model, tokenizer, tasks: Sequence[str], limit: int | None = None,
-                          batch_size: int = 16) -> dict[str, dict[str, float]]:
-    """The same benchmarks through lm-evaluation-harness itself (needs `pip install lm-eval`
-    and hub access for its datasets): {task: {"acc", "acc_norm"}}."""
-    try:
-        import lm_eval
-        from lm_eval.models.huggingface import HFLM
-    except ImportError as err:
-        raise ImportError("evaluate_with_lm_eval needs lm-evaluation-harness: pip install lm-eval") from err
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    output = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), limit=limit)
-    return {
-        task: {metric: values[f"{metric},none"] for metric in ("acc", "acc_norm") if f"{metric},none" in values}
-        for task, values in output["results"].items()
-    }
-
-
 # -- generation and task accuracy -----------------------------------------------------
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
@@ -254,8 +237,3 @@ def task_accuracy(model, tokenizer, task: TokenizedTask) -> dict[str, float]:
         elif task.name == "math":
             scores[name] = math_exact_match(model, tokenizer, examples)
     return scores
-    if all(e.choices for e in task.scored):
-        return {"id_acc": multiple_choice_accuracy(model, tokenizer, task.scored)}
-    if task.name == "math":
-        return {"id_acc": math_exact_match(model, tokenizer, task.scored)}
-    return {}

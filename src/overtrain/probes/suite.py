@@ -9,7 +9,7 @@ the same way; the context columns (checkpoint, lr, step, ...) are the caller's.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 
 import numpy as np
@@ -18,10 +18,12 @@ import torch
 from overtrain.data.benchmarks import load_benchmark
 from overtrain.data.examples import TokenizedTask
 from overtrain.models.build import init_stds
+from overtrain.models.stacked import StackedLlama
 from overtrain.probes.curvature import forgetting_prediction
 from overtrain.probes.drift import parameter_drift
+from overtrain.probes.harness import is_lm_eval, lm_eval_scores
 from overtrain.probes.hessian import hessian_eigenvalues, hessian_trace
-from overtrain.probes.loss import heldout_metrics
+from overtrain.probes.loss import heldout_metrics, stacked_heldout_metrics
 from overtrain.probes.objective import Batch, Objective, causal_lm_objective
 from overtrain.probes.perturb import gaussian_sensitivity
 from overtrain.probes.residue import docstring_rate
@@ -103,6 +105,28 @@ def finetune_metrics(model: torch.nn.Module, task_batches: Sequence[Batch], text
     return scores
 
 
+def stacked_finetune_metrics(stack: StackedLlama, tasks: Sequence[str],
+                             task_batches: Mapping[str, tuple[Sequence[Batch], Sequence[Batch]]],
+                             text: Sequence[Batch], byte_lengths: np.ndarray) -> list[dict[str, float]]:
+    """`finetune_metrics` of every member of an ensemble whose member i trains on `tasks[i]`:
+    the pre-training text in one pass for all, each task's (validation, test) batches in one
+    pass for the members of that task."""
+    scores = [{f"ood_{name}": value for name, value in found.items() if name in ("loss_nats", "bpb")}
+              for found in stacked_heldout_metrics(stack, list(text), byte_lengths)] if text else [{} for _ in tasks]
+    for task in dict.fromkeys(tasks):
+        rows = [row for row, name in enumerate(tasks) if name == task]
+        members = stack.select(rows)
+        for prefix, batches in zip(("id", "id_test"), task_batches[task]):
+            if batches:
+                for row, found in zip(rows, stacked_heldout_metrics(members, list(batches), byte_lengths)):
+                    scores[row] |= {f"{prefix}_loss_nats": found["loss_nats"], f"{prefix}_bpb": found["bpb"]}
+    return [{name: row[name] for name in _FINETUNE_ORDER if name in row} for row in scores]
+
+
+# The order `finetune_metrics` writes its metrics in, so that a member's rows read like a lone run's.
+_FINETUNE_ORDER = ("id_loss_nats", "id_bpb", "id_test_loss_nats", "id_test_bpb", "ood_loss_nats", "ood_bpb")
+
+
 def capability_metrics(model: torch.nn.Module, tokenizer, task: TokenizedTask, benchmarks: Sequence[str],
                        benchmark_limit: int | None, seed: int) -> dict[str, float]:
     """The slower measures, taken before and after fine-tuning: task accuracy where it means
@@ -110,8 +134,19 @@ def capability_metrics(model: torch.nn.Module, tokenizer, task: TokenizedTask, b
     scores = task_accuracy(model, tokenizer, task)
     if task.docstring_prompts:
         scores["docstring_rate"] = docstring_rate(model, tokenizer, task.docstring_prompts, seed)
+    return scores | benchmark_scores(model, tokenizer, benchmarks, benchmark_limit, seed)
+
+
+def benchmark_scores(model: torch.nn.Module, tokenizer, benchmarks: Sequence[str], limit: int | None,
+                     seed: int) -> dict[str, float]:
+    """Accuracy and per-character accuracy on the first `limit` items of each benchmark: a built-in
+    one (`bench_<name>_acc`, scored here) or `lm_eval:TASK` (`bench_lm_eval_<task>_acc`, scored by lm-eval)."""
+    scores = {}
     for name in benchmarks:
-        result = evaluate_mc(model, tokenizer, load_benchmark(name), limit=benchmark_limit)
+        if is_lm_eval(name):
+            scores |= lm_eval_scores(model, tokenizer, name, limit, seed)
+            continue
+        result = evaluate_mc(model, tokenizer, load_benchmark(name), limit=limit)
         scores |= {f"bench_{name}_acc": result["acc"], f"bench_{name}_acc_norm": result["acc_norm"]}
     return scores
 

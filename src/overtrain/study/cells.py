@@ -22,12 +22,14 @@ from overtrain.models.build import build_model, parameter_count
 from overtrain.models.checkpoints import MANIFEST, load_checkpoint, load_optimizer_state, read_manifest, save_checkpoint
 from overtrain.models.series import SeriesCheckpoint, load_series_model
 from overtrain.probes.residue import docstring_prompts
-from overtrain.probes.suite import capability_metrics, finetune_metrics, probe_rows, update_rows
+from overtrain.models.stacked import StackedLlama, members_that_fit, unsupported_reason
+from overtrain.probes.suite import capability_metrics, finetune_metrics, probe_rows, stacked_finetune_metrics, update_rows
 from overtrain.runtime.hashing import weights_sha256
 from overtrain.spec import ModelSize
 from overtrain.study.folder import RunFolder
 from overtrain.study.plan import SERIES, Cell
-from overtrain.train.loop import TrainConfig, make_optimizer, train
+from overtrain.train.ensemble import train_ensemble
+from overtrain.train.loop import TrainConfig, TrainResult, make_optimizer, train
 from overtrain.train.mitigations import interpolated, with_lora, with_replay
 from overtrain.train.schedules import Schedule
 
@@ -181,18 +183,15 @@ def run_finetune(cell: Cell, key: str, ctx: StudyContext) -> list[dict]:
     folder = ctx.folder.checkpoint(cfg["checkpoint"])
     model, tokenizer = load_checkpoint(folder, device=ctx.device)
     mitigation = cfg["mitigation"] or {}
-    columns = {**checkpoint_columns(cfg, folder), "task": cfg["task"], "lr": cfg["lr"], "seed": cfg["seed"],
-               "mitigation": "none" if not mitigation else "{}={:g}".format(*next(iter(mitigation.items())))}
+    columns = _finetune_columns(cfg, folder)
     task = ctx.task(cfg)
     evaluate = partial(finetune_metrics, task_batches=task.heldout_batches(cfg["eval"]["batch_size"], VALIDATION),
                        test_batches=task.heldout_batches(cfg["eval"]["batch_size"], TEST),
                        text=ctx.heldout_batches(cfg), byte_lengths=ctx.corpus.byte_lengths)
-    capabilities = partial(capability_metrics, tokenizer=tokenizer, task=task, benchmarks=cfg["benchmarks"],
-                           benchmark_limit=cfg["benchmark_limit"], seed=cfg["seed"])
+    capabilities = _capabilities(cfg, task, tokenizer)
 
     torch.manual_seed(cfg["seed"])
-    config = TrainConfig(steps=cfg["steps"], weight_decay=cfg["weight_decay"], l2_to_start=mitigation.get("l2", 0.0),
-                         schedule=Schedule("linear", cfg["lr"], cfg["steps"], cfg["warmup_steps"]))
+    config = _finetune_config(cfg, l2_to_start=mitigation.get("l2", 0.0))
     pretrained = {n: p.detach().clone() for n, p in model.named_parameters()} if cfg["wise"] else {}
     before = {"step": 0, **evaluate(model), **capabilities(model)}
     trained = with_lora(model, mitigation["lora"]) if "lora" in mitigation else model
@@ -202,22 +201,86 @@ def run_finetune(cell: Cell, key: str, ctx: StudyContext) -> list[dict]:
         model = trained.merge_and_unload()  # plain weights again, for the measures below
     # Diverged weights are not a result to measure: the run's divergence row says what happened.
     after = [] if result.diverged else [{"step": result.steps_done, **capabilities(model)}]
-    rows = [{"step": ev["step"], "metric": name, "value": value}
-            for ev in [before, *result.evaluations, *after] for name, value in ev.items() if name != "step"]
+    rows = _finetune_rows(columns, before, result, after)
     if cfg["along_update"] and not result.diverged:
         base, _ = load_checkpoint(folder, device=ctx.device)
-        rows += [{"step": result.steps_done, **row}
+        rows += [{**columns, "step": result.steps_done, **row}
                  for row in update_rows(base, model, ctx.heldout_batches(cfg, cfg["along_update"]["tokens"]))]
-    if result.diverged:
-        rows.append({"metric": "diverged_at_step", "value": result.diverged_at_step})
-    rows.append({"metric": "train_loss_nats", "step": result.steps_done, "value": result.last_loss})
-    rows = [{**columns, **row} for row in rows]
     for alpha in cfg["wise"]:  # measured even when diverged: the variant is then diverged too, and shown so
         with interpolated(model, pretrained, alpha):
             measured = {**evaluate(model), **capabilities(model)}
         rows += [{**columns, "mitigation": f"wise={alpha:g}", "step": result.steps_done, "metric": name, "value": value}
                  for name, value in measured.items()]
     return rows
+
+
+def run_finetune_ensemble(members: list[tuple[str, Cell]], ctx: StudyContext) -> dict[str, list[dict]]:
+    """Fine-tunes of one checkpoint trained as one ensemble (study/ensembles.py says which may be):
+    the rows of each member, by its key, as `run_finetune` would write them alone.
+
+    The step-0 measures are taken once per task (every member starts from the same
+    weights); training and the held-out measures along it are batched over members, as
+    many at a time as the device's free memory holds."""
+    configs = [cell.config for _, cell in members]
+    folder = ctx.folder.checkpoint(configs[0]["checkpoint"])
+    model, tokenizer = load_checkpoint(folder, device=ctx.device)
+    if unsupported_reason(model.config):  # an imported model the stacked Llama does not cover
+        return {key: run_finetune(cell, key, ctx) for key, cell in members}
+    text = ctx.heldout_batches(configs[0])
+    batch_size = configs[0]["eval"]["batch_size"]
+    tasks = {cfg["task"]: ctx.task(cfg) for cfg in configs}
+    parts = {name: (task.heldout_batches(batch_size, VALIDATION), task.heldout_batches(batch_size, TEST))
+             for name, task in tasks.items()}
+    start = {name: finetune_metrics(model, validation, text, ctx.corpus.byte_lengths, test_batches=test)
+             for name, (validation, test) in parts.items()}
+
+    def evaluate(stack: StackedLlama, tasks_of_rows: list[str]) -> list[dict[str, float]]:
+        return stacked_finetune_metrics(stack, tasks_of_rows, parts, text, ctx.corpus.byte_lengths)
+
+    rows = {}
+    at_once = members_that_fit(model.config, configs[0]["batch_size"] * configs[0]["seq_len"], ctx.device)
+    for first in range(0, len(members), at_once):
+        chunk, chunk_configs = members[first:first + at_once], configs[first:first + at_once]
+        stack = StackedLlama.from_models([model] * len(chunk))
+        results = train_ensemble(stack, [_finetune_config(cfg) for cfg in chunk_configs],
+                                 [_finetune_batches(tasks[cfg["task"]], cfg, ctx, 0.0) for cfg in chunk_configs],
+                                 evaluate=lambda stack, alive: evaluate(stack, [chunk_configs[m]["task"] for m in alive]),
+                                 evaluate_every=configs[0]["eval_every"],
+                                 description=f"{len(chunk)} fine-tunes of {configs[0]['checkpoint']}")
+        finished = [m for m, result in enumerate(results) if not result.diverged]  # the stack's rows, in order
+        for member, ((key, _), cfg, result) in enumerate(zip(chunk, chunk_configs, results)):
+            capabilities = _capabilities(cfg, tasks[cfg["task"]], tokenizer)
+            before = {"step": 0, **start[cfg["task"]], **capabilities(model)}
+            after = [] if result.diverged else [
+                {"step": result.steps_done, **capabilities(stack.member_model(finished.index(member)))}]
+            rows[key] = _finetune_rows(_finetune_columns(cfg, folder), before, result, after)
+    return rows
+
+
+def _finetune_config(cfg: dict, l2_to_start: float = 0.0) -> TrainConfig:
+    return TrainConfig(steps=cfg["steps"], weight_decay=cfg["weight_decay"], l2_to_start=l2_to_start,
+                       schedule=Schedule("linear", cfg["lr"], cfg["steps"], cfg["warmup_steps"]))
+
+
+def _finetune_columns(cfg: dict, folder: Path) -> dict:
+    mitigation = cfg["mitigation"] or {}
+    return {**checkpoint_columns(cfg, folder), "task": cfg["task"], "lr": cfg["lr"], "seed": cfg["seed"],
+            "mitigation": "none" if not mitigation else "{}={:g}".format(*next(iter(mitigation.items())))}
+
+
+def _capabilities(cfg: dict, task: TokenizedTask, tokenizer):
+    return partial(capability_metrics, tokenizer=tokenizer, task=task, benchmarks=cfg["benchmarks"],
+                   benchmark_limit=cfg["benchmark_limit"], seed=cfg["seed"])
+
+
+def _finetune_rows(columns: dict, before: dict, result: TrainResult, after: list[dict]) -> list[dict]:
+    """A fine-tuning run's rows: every measure at every step it was taken, its divergence, its last loss."""
+    rows = [{"step": ev["step"], "metric": name, "value": value}
+            for ev in [before, *result.evaluations, *after] for name, value in ev.items() if name != "step"]
+    if result.diverged:
+        rows.append({"metric": "diverged_at_step", "value": result.diverged_at_step})
+    rows.append({"metric": "train_loss_nats", "step": result.steps_done, "value": result.last_loss})
+    return [{**columns, **row} for row in rows]
 
 
 def _finetune_batches(task: TokenizedTask, cfg: dict, ctx: StudyContext, replay: float) -> Iterator[dict]:
@@ -229,6 +292,7 @@ def _finetune_batches(task: TokenizedTask, cfg: dict, ctx: StudyContext, replay:
 
 
 RUNNERS = {"pretrain": run_pretrain, "import": run_import, "probe": run_probe, "finetune": run_finetune}
+ENSEMBLE_RUNNERS = {"finetune": run_finetune_ensemble}
 
 
 def is_diverged(rows: list[dict]) -> bool:

@@ -38,19 +38,27 @@ from overtrain.errors import SpecError
 from overtrain.probes.metrics import check_rows
 from overtrain.runtime.device import pick_device
 from overtrain.runtime.faults import fault_point
-from overtrain.study.cells import RUNNERS, StudyContext
+from overtrain.study.cells import ENSEMBLE_RUNNERS, RUNNERS, StudyContext
 from overtrain.study.folder import RunFolder
 from overtrain.study.plan import Cell
 
 
 @dataclass(frozen=True)
 class CellJob:
+    """One cell, or several trained as one ensemble (`members`: (key, cell) of each, the first
+    being `key`, `cell`; see study/ensembles.py)."""
+
     key: str
     cell: Cell
     run_dir: Path
     corpus_folder: Path
     device: str   # the study's `device` setting, deliberately not in the key: a study may move between machines
     threads: int  # torch intra-op threads for this cell
+    members: tuple[tuple[str, Cell], ...] = ()
+
+    @property
+    def keys(self) -> list[str]:
+        return [key for key, _ in self.members] or [self.key]
 
 
 @dataclass
@@ -64,26 +72,41 @@ class CellOutcome:
 
 # -- what a worker does ---------------------------------------------------------------
 
-def run_job(job: CellJob, capture_fds: bool = True) -> CellOutcome:
-    """Run one cell, its output going to logs/<key>.log; never raises for the cell's errors."""
+def run_job(job: CellJob, capture_fds: bool = True) -> list[CellOutcome]:
+    """Run one job, its output going to logs/<key>.log (an ensemble's, to its first member's);
+    one outcome per cell; never raises for the cells' errors."""
     threads_before = torch.get_num_threads()
     torch.set_num_threads(job.threads)
     started = time.perf_counter()
+    folder = RunFolder(job.run_dir)
+    for key, cell in job.members[1:]:  # the other members' logs say where theirs is
+        with open(folder.log(key), "a") as log:
+            print(f"== {cell.label} | key {key} | trained in one ensemble, logged in {folder.log(job.key)}", file=log)
     try:
-        with capture_output(RunFolder(job.run_dir).log(job.key), capture_fds):
+        with capture_output(folder.log(job.key), capture_fds):
             print(f"== {job.cell.label} | key {job.key} | {socket.gethostname()} pid {os.getpid()} | "
                   f"{job.threads} threads | {time.strftime('%Y-%m-%d %H:%M:%S')}", flush=True)
+            if job.members:
+                print("== one ensemble of: " + "; ".join(cell.label for _, cell in job.members), flush=True)
             try:
                 fault_point(f"cell-{job.cell.kind}")  # fault-injection tests die here
-                rows = RUNNERS[job.cell.kind](job.cell, job.key, _context(job))
-                check_rows(rows)  # every metric a cell emits is declared in probes/metrics.py
+                rows = _run_cells(job)
+                for found in rows.values():
+                    check_rows(found)  # every metric a cell emits is declared in probes/metrics.py
             except Exception as err:  # noqa: BLE001 - a failed cell is a recorded result
                 traceback.print_exc()
-                return CellOutcome(job.key, error=traceback.format_exc(limit=8), out_of_space=_is_disk_full(err),
-                                   seconds=time.perf_counter() - started)
-        return CellOutcome(job.key, rows=rows, seconds=time.perf_counter() - started)
+                error = traceback.format_exc(limit=8)
+                return [CellOutcome(key, error=error, out_of_space=_is_disk_full(err),
+                                    seconds=time.perf_counter() - started) for key in job.keys]
+        return [CellOutcome(key, rows=rows[key], seconds=time.perf_counter() - started) for key in job.keys]
     finally:
         torch.set_num_threads(threads_before)  # inline, the caller's setting survives
+
+
+def _run_cells(job: CellJob) -> dict[str, list[dict]]:
+    if not job.members:
+        return {job.key: RUNNERS[job.cell.kind](job.cell, job.key, _context(job))}
+    return ENSEMBLE_RUNNERS[job.cell.kind](list(job.members), _context(job))
 
 
 @contextlib.contextmanager
@@ -156,7 +179,7 @@ class InlineExecutor:
         self._outcomes: list[CellOutcome] = []
 
     def submit(self, job: CellJob) -> None:
-        self._outcomes.append(run_job(job, capture_fds=False))
+        self._outcomes += run_job(job, capture_fds=False)
 
     def finished(self, timeout: float) -> list[CellOutcome]:
         outcomes, self._outcomes = self._outcomes, []
@@ -193,12 +216,13 @@ class LocalExecutor:
         for future in done:
             job = self._running.pop(future)
             try:
-                outcomes.append(future.result())
+                outcomes += future.result()
             except BrokenProcessPool:
                 broken = True
-                outcomes.append(CellOutcome(job.key, error=(
+                outcomes += [CellOutcome(key, error=(
                     "a worker process died while this cell ran (this cell or one beside it was killed, e.g. out "
-                    f"of memory); see {RunFolder(job.run_dir).log(job.key)}; run again with --retry-failed")))
+                    f"of memory); see {RunFolder(job.run_dir).log(job.key)}; run again with --retry-failed"))
+                    for key in job.keys]
         if broken:  # a dead worker breaks the whole pool: start a fresh one for the cells still to come
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = self._new_pool()
@@ -254,9 +278,9 @@ class RayExecutor:
         for ref in ready:
             job = self._running.pop(ref)
             try:
-                outcomes.append(self._ray.get(ref))
+                outcomes += self._ray.get(ref)
             except self._ray.exceptions.RayError as err:
-                outcomes.append(CellOutcome(job.key, error=f"Ray task failed: {err}"))
+                outcomes += [CellOutcome(key, error=f"Ray task failed: {err}") for key in job.keys]
         return outcomes
 
     def close(self) -> None:

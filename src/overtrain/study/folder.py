@@ -2,6 +2,7 @@
 
     runs/x/
       study.json         the study as last run here
+      monitor.json       instead, for a training run measured as it goes: the monitor's settings
       results.sqlite     the results store (store.py)
       results.csv        the tidy results of the current plan (and results.parquet)
       checkpoints/<name> one HF folder per checkpoint
@@ -65,6 +66,11 @@ class RunFolder:
     @property
     def study(self) -> Path:
         return self.path / "study.json"
+
+    @property
+    def monitor(self) -> Path:
+        """The settings of the adaptability monitor, in a folder a training run writes (overtrain.monitor)."""
+        return self.path / "monitor.json"
 
     @property
     def store(self) -> Path:

@@ -29,6 +29,7 @@ from overtrain.models.series import SeriesCheckpoint
 from overtrain.spec import StudySpec
 
 SERIES = "series"  # the `schedule` of checkpoints that are not ours: how they were trained is not known
+MONITORED = "monitored"  # the `schedule` of a training run's iterates, measured as it trained (overtrain.monitor)
 
 
 @dataclass(frozen=True)

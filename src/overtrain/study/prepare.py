@@ -22,7 +22,8 @@ from overtrain.data.splits import split_documents
 from overtrain.data.tasks import load_task
 from overtrain.errors import CheckpointError, SpecError
 from overtrain.models.checkpoints import MANIFEST, check_checkpoint_folder
-from overtrain.models.series import SeriesCheckpoint, inspect_series, series_from_sources
+from overtrain.models.series import SeriesCheckpoint, inspect_series, require_tokens, series_from_sources
+from overtrain.probes.harness import check_benchmarks
 from overtrain.spec import StudySpec
 from overtrain.study.folder import RunFolder
 from overtrain.study.plan import Cell, plan_study, trained_tokens
@@ -65,10 +66,7 @@ def _existing_checkpoints(spec: StudySpec) -> tuple[list[SeriesCheckpoint] | Non
         return None, None
     try:
         series = series_from_sources(**spec.checkpoints.sources())
-        unknown = [c.label for c in series if c.tokens is None]
-        if unknown:
-            raise CheckpointError(f"{unknown[0]}: pre-training tokens unknown (neither its name nor a manifest "
-                                  "tells); give them in checkpoints.tokens")
+        require_tokens(series)
     except CheckpointError as err:
         raise SpecError(f"checkpoints: {err}") from None
     lengths = {"checkpoints.seq_len": spec.checkpoints.seq_len,
@@ -124,9 +122,11 @@ def check_corpus_size(spec: StudySpec, corpus: PreparedCorpus) -> None:
 
 
 def check_tasks(spec: StudySpec) -> None:
-    """Every fine-tuning task loads (a malformed task file fails here, naming its line)."""
+    """Every fine-tuning task loads (a malformed task file fails here, naming its line), and every
+    `lm_eval:TASK` benchmark is a task lm-eval (installed) knows or a task file."""
     for task in spec.finetune.tasks if spec.finetune else []:
         load_task(task, seed=spec.seed)
+    check_benchmarks(spec.finetune.benchmarks if spec.finetune else [], "finetune.benchmarks")
 
 
 def check_checkpoints(cells: list[Cell], checkpoint_dir: Path, corpus: PreparedCorpus) -> None:

@@ -27,8 +27,10 @@ from pathlib import Path
 from overtrain.data.corpus import PreparedCorpus
 from overtrain.errors import StudyStopped
 from overtrain.models.checkpoints import MANIFEST, read_manifest
+from overtrain.runtime.device import pick_device
 from overtrain.spec import StudySpec
 from overtrain.study.cells import is_diverged
+from overtrain.study.ensembles import DEFAULT_MEMBERS, group_jobs
 from overtrain.study.execute import CellJob, CellOutcome, make_executor
 from overtrain.study.folder import RunFolder, claimed_run_folder
 from overtrain.study.plan import Cell, cell_key
@@ -40,8 +42,10 @@ POLL_SECONDS = 0.5  # how often to look for checkpoints that running cells have 
 
 
 def run_study(spec: StudySpec, run_dir: str | Path, retry_failed: bool = False, workers: int = 1,
-              executor: str = "local", address: str | None = None) -> Path:
-    """Run or resume `spec` in `run_dir`; `workers` cells at once (0: in this process).
+              executor: str = "local", address: str | None = None, members: int | None = None) -> Path:
+    """Run or resume `spec` in `run_dir`; `workers` jobs at once (0: in this process), a job
+    being one cell or up to `members` fine-tunes trained as one ensemble (None: the device's
+    default, study/ensembles.py; 1: every cell alone).
 
     Ends with the tidy results exported beside the store (results.csv, results.parquet).
     """
@@ -56,7 +60,8 @@ def run_study(spec: StudySpec, run_dir: str | Path, retry_failed: bool = False, 
             store = Store(folder.store)
             try:
                 corpus_folder = corpus.folder if executor == "local" else _shared_copy(corpus, folder)
-                _StudyRun(spec, folder, corpus_folder, cells, store, runner, retry_failed).run()
+                max_members = members or DEFAULT_MEMBERS[pick_device(spec.device).type]
+                _StudyRun(spec, folder, corpus_folder, cells, store, runner, retry_failed, max_members).run()
                 export_tables(folder, store)
             finally:
                 store.close()
@@ -69,14 +74,16 @@ class _StudyRun:
     """The scheduling loop: start every cell whose input is ready, record what comes back."""
 
     def __init__(self, spec: StudySpec, folder: RunFolder, corpus_folder: Path, cells: list[Cell], store: Store,
-                 executor, retry_failed: bool) -> None:
+                 executor, retry_failed: bool, max_members: int = 1) -> None:
         self.spec, self.folder, self.corpus_folder = spec, folder, corpus_folder
         self.cells, self.store, self.executor, self.retry_failed = cells, store, executor, retry_failed
+        self.max_members = max_members
         self.producer = {ref.name: cell for cell in cells for ref in cell.writes}
         self.keys: dict[str, str] = {}      # label -> key, once known
         self.settled: set[str] = set()      # labels that will not run (again) in this run
         self.recorded: set[str] = set()     # labels settled before this run started (already on the progress bar)
         self.running: dict[str, Cell] = {}  # key -> cell
+        self.jobs: dict[str, set[str]] = {}  # first key of a running job -> its keys not yet back
 
     def run(self) -> None:
         self.store.set_plan([(cell.label, cell.kind, self.producer[cell.reads].label if cell.reads else None)
@@ -104,28 +111,31 @@ class _StudyRun:
             raise stop
 
     def _dispatch(self, waiting: list[Cell]) -> list[Cell]:
-        """Skip finished cells, start ready ones while slots are free; return the cells still waiting."""
-        still = []
+        """Skip finished cells, start ready ones as jobs while slots are free; return the cells still waiting."""
+        still, ready = [], []
         for cell in waiting:
             state = self._input_state(cell)
             if state == "missing":
                 self._settle(cell)
-                continue
-            if state == "wait":
+            elif state == "wait":
                 still.append(cell)
-                continue
-            key = self._key(cell)
-            if self._is_final(self.store.status(key)):
+            elif self._is_final(self.store.status(self._key(cell))):
                 self._settle(cell)
-            elif len(self.running) >= self.executor.slots:
-                still.append(cell)
             else:
+                ready.append(cell)
+        for job in group_jobs(ready, self.executor.slots, self.max_members):
+            if len(self.jobs) >= self.executor.slots:
+                still += job
+                continue
+            keys = [self._key(cell) for cell in job]
+            for key, cell in zip(keys, job):
                 self.store.start(key, cell.kind, cell.label, cell.config)
                 self.running[key] = cell
                 self.progress.started(key, cell)
-                self.executor.submit(CellJob(key, cell, self.folder.path, self.corpus_folder, self.spec.device,
-                                             self.executor.threads))
-        return still
+            self.jobs[keys[0]] = set(keys)
+            self.executor.submit(CellJob(keys[0], job[0], self.folder.path, self.corpus_folder, self.spec.device,
+                                         self.executor.threads, tuple(zip(keys, job)) if len(job) > 1 else ()))
+        return sorted(still, key=_priority)
 
     def _recorded(self, cell: Cell) -> bool:
         """Whether the cell's outcome is already stored under its current key, so it will not run.
@@ -163,6 +173,10 @@ class _StudyRun:
 
     def _record(self, outcome: CellOutcome) -> StudyStopped | None:
         cell = self.running.pop(outcome.key)
+        for first, keys in list(self.jobs.items()):  # a job's slot frees when its last cell is back
+            keys.discard(outcome.key)
+            if not keys:
+                del self.jobs[first]
         self.settled.add(cell.label)
         self.progress.finished(outcome.key, outcome.rows)
         if outcome.error is None:

@@ -90,6 +90,13 @@ class Store:
             self.db.executemany("INSERT INTO plan (position, label, kind, reads_from) VALUES (?, ?, ?, ?)",
                                 [(i, *cell) for i, cell in enumerate(cells)])
 
+    def add_to_plan(self, label: str, kind: str, key: str) -> None:
+        """Append one cell to the plan, or give a label already there this key (a monitored training
+        run's measurements arrive one at a time, and a resumed run measures a step again)."""
+        self.db.execute("INSERT INTO plan (position, label, kind, key) "
+                        "VALUES ((SELECT COALESCE(MAX(position), -1) + 1 FROM plan), ?, ?, ?) "
+                        "ON CONFLICT(label) DO UPDATE SET kind=excluded.kind, key=excluded.key", (label, kind, key))
+
     def set_plan_key(self, label: str, key: str) -> None:
         self.db.execute("UPDATE plan SET key=? WHERE label=?", (key, label))
 

@@ -1,0 +1,175 @@
+"""A fine-tuning sweep as ensembles against the same sweep one cell at a time, on this machine.
+
+1. The sweep through the engine: one pre-trained checkpoint of the paper preset
+   (~48k parameters, byte vocabulary), 15 fine-tunes on the math task (5 LRs x 3
+   seeds, 100 steps of 16 x 256 tokens, measured at steps 0, 50 and 100) as
+   examples/paper.yaml fine-tunes. Run twice from copies of the same run folder:
+   - cells: today's layout, `--workers 2 --members 1` (two worker processes, one
+     thread each, one model per cell);
+   - ensembles: `--workers 2` with ensembles (8 + 7 members, one job per core).
+   Wall time from the first fine-tune's start to the last one's end, in the store.
+2. The training step alone, one thread: tokens/s of an ensemble of K members against
+   `train.loop.train` on one model (the speed-up per member count K).
+3. Memory: peak resident memory of a process training an ensemble of K, per member.
+4. Where an ensemble step's time goes: the profiler's operations, grouped.
+
+    python benchmarks/bench_ensemble.py [--steps 100] [--out /tmp/bench_ensemble]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import torch
+
+from overtrain.models.build import build_model
+from overtrain.models.stacked import StackedLlama
+from overtrain.spec import PRESETS, parse_spec
+from overtrain.study.runner import run_study
+from overtrain.study.store import study_status
+from overtrain.train.ensemble import train_ensemble
+from overtrain.train.loop import TrainConfig, train
+from overtrain.train.schedules import Schedule
+
+LRS, SEEDS = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2], [0, 1, 2]
+BATCH, SEQ_LEN = 16, 256
+
+
+def study(steps: int, finetune: bool) -> dict:
+    return {
+        "name": "bench_ensemble", "seed": 0, "data": {"corpus": "default"}, "tokenizer": {"vocab_size": "bytes"},
+        "model": {"preset": "paper"},
+        "pretrain": {"budgets": [1048576], "schedules": ["constant"], "peak_lr": 4e-3, "warmup_tokens": 131072,
+                     "batch_size": 32, "seq_len": 128},
+        "eval": {"heldout_tokens": 65536, "batch_size": 64},
+        "sensitivity": None,
+        "finetune": {"tasks": ["math"], "lrs": LRS, "seeds": SEEDS, "steps": steps, "batch_size": BATCH,
+                     "seq_len": SEQ_LEN, "warmup_steps": 10, "eval_every": steps // 2, "eval_examples": 64,
+                     "accuracy_examples": 0} if finetune else None,
+    }
+
+
+def engine_sweeps(steps: int, out: Path) -> dict[str, float]:
+    """Tokens/s of the 15 fine-tunes, run as cells and as ensembles from the same pre-trained folder."""
+    shutil.rmtree(out, ignore_errors=True)
+    run_study(parse_spec(study(steps, finetune=False)), out / "pretrained", workers=1)
+    speeds = {}
+    for name, members in (("cells (--members 1)", 1), ("ensembles", None)):
+        folder = out / name.split()[0]
+        shutil.copytree(out / "pretrained", folder)
+        run_study(parse_spec(study(steps, finetune=True)), folder, workers=2, members=members)
+        cells = study_status(folder)
+        fine_tunes = cells[cells["kind"] == "finetune"]
+        assert (fine_tunes["status"] == "done").all(), fine_tunes[["label", "status"]]
+        wall = fine_tunes["finished"].max() - fine_tunes["started"].min()
+        speeds[name] = len(fine_tunes) * steps * BATCH * SEQ_LEN / wall
+    return speeds
+
+
+def batches(seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    while True:
+        ids = torch.randint(0, 258, (BATCH, SEQ_LEN), generator=generator)
+        yield {"input_ids": ids, "labels": ids}
+
+
+def step_speeds(members: list[int], steps: int) -> dict[int, float]:
+    """Training-step tokens/s, one thread: one model with `train`, and ensembles of K."""
+    torch.set_num_threads(1)
+    base = build_model(PRESETS["paper"], vocab_size=258, seed=0)
+    config = TrainConfig(steps=steps, schedule=Schedule("linear", 1e-3, steps, 5))
+    started = time.perf_counter()
+    train(base, batches(0), config)
+    speeds = {0: steps * BATCH * SEQ_LEN / (time.perf_counter() - started)}
+    for k in members:
+        stack = StackedLlama.from_models([base] * k)
+        started = time.perf_counter()
+        train_ensemble(stack, [config] * k, [batches(i) for i in range(k)])
+        speeds[k] = k * steps * BATCH * SEQ_LEN / (time.perf_counter() - started)
+    return speeds
+
+
+def peak_memory_gib(members: int) -> float:
+    """Peak resident memory of a fresh process that trains an ensemble of `members` for 5 steps."""
+    script = (
+        "import os; os.environ['TQDM_DISABLE'] = '1'; import sys, torch; sys.path.insert(0, sys.argv[2]);"
+        "from bench_ensemble import batches; from overtrain.models.build import build_model;"
+        "from overtrain.models.stacked import StackedLlama; from overtrain.spec import PRESETS;"
+        "from overtrain.train.ensemble import train_ensemble; from overtrain.train.loop import TrainConfig;"
+        "from overtrain.train.schedules import Schedule; from overtrain.runtime.memory import peak_resident_gib;"
+        "torch.set_num_threads(1); k = int(sys.argv[1]); base = build_model(PRESETS['paper'], vocab_size=258, seed=0);"
+        "config = TrainConfig(steps=5, schedule=Schedule('linear', 1e-3, 5, 0));"
+        "train_ensemble(StackedLlama.from_models([base] * k), [config] * k, [batches(i) for i in range(k)]);"
+        "print(peak_resident_gib())")
+    found = subprocess.run([sys.executable, "-c", script, str(members), str(Path(__file__).parent)],
+                           capture_output=True, text=True, check=True)
+    return float(found.stdout.strip().splitlines()[-1])
+
+
+def profile(members: int) -> list[tuple[str, float]]:
+    """Shares of an ensemble training step's time (forward, backward, optimizer), by kind of operation."""
+    torch.set_num_threads(1)
+    base = build_model(PRESETS["paper"], vocab_size=258, seed=0)
+    stack = StackedLlama.from_models([base] * members)
+    config = TrainConfig(steps=8, schedule=Schedule("linear", 1e-3, 8, 0))
+    train_ensemble(stack, [config] * members, [batches(i) for i in range(members)])  # warm-up
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        train_ensemble(stack, [config] * members, [batches(i) for i in range(members)])
+    groups = {"matrix products (bmm)": ("aten::bmm",), "attention (sdpa)": ("flash_attention",),
+              "softmax / cross-entropy": ("softmax",), "element-wise (norms, rotary, SwiGLU, AdamW)": (
+                  "aten::mul", "aten::add", "aten::sub", "aten::div", "aten::neg", "aten::silu", "aten::pow",
+                  "aten::rsqrt", "aten::sqrt", "aten::lerp", "aten::addcmul", "aten::where", "aten::clamp"),
+              "copies and layout (copy, cat, fill)": ("aten::copy_", "aten::cat", "aten::fill_", "aten::zero_",
+                                                      "aten::index", "aten::embedding", "aten::gather")}
+    events = [e for e in prof.key_averages()]
+    total = sum(e.self_cpu_time_total for e in events)
+    shares = {name: sum(e.self_cpu_time_total for e in events if any(p in e.key for p in patterns)) / total
+              for name, patterns in groups.items()}
+    shares["everything else"] = 1 - sum(shares.values())
+    return sorted(shares.items(), key=lambda item: -item[1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--out", type=Path, default=Path("/tmp/bench_ensemble"))
+    args = parser.parse_args()
+
+    sweep = engine_sweeps(args.steps, args.out)
+    cells = sweep["cells (--members 1)"]
+    print(f"\n1. 15 fine-tunes (5 LRs x 3 seeds, {args.steps} steps of {BATCH} x {SEQ_LEN}) through the engine, "
+          f"2 workers")
+    print(f"{'layout':<24}{'tokens/s':>12}{'ratio':>8}")
+    for name, speed in sweep.items():
+        print(f"{name:<24}{speed:>12,.0f}{speed / cells:>8.2f}")
+
+    members = [1, 2, 4, 8, 15]
+    steps = step_speeds(members, steps=30)
+    print("\n2. The training step alone, one thread (tokens/s of all members together)")
+    print(f"{'K':<24}{'tokens/s':>12}{'ratio':>8}")
+    print(f"{'one model, train()':<24}{steps[0]:>12,.0f}{1:>8.2f}")
+    for k in members:
+        print(f"{f'ensemble of {k}':<24}{steps[k]:>12,.0f}{steps[k] / steps[0]:>8.2f}")
+
+    one, fifteen = peak_memory_gib(1), peak_memory_gib(15)
+    print("\n3. Memory: peak resident set of a process training an ensemble")
+    print(f"ensemble of 1: {one:.3f} GiB; of 15: {fifteen:.3f} GiB; per member: {(fifteen - one) / 14 * 1024:.1f} MiB")
+
+    print("\n4. Where an ensemble step's time goes (8 members, one thread)")
+    for name, share in profile(8):
+        print(f"{name:<48}{share:>7.1%}")
+    print(json.dumps({"sweep_tokens_per_second": sweep, "step_tokens_per_second": steps,
+                      "peak_gib": {"1": one, "15": fifteen}}))
+
+
+if __name__ == "__main__":
+    main()

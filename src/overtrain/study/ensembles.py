@@ -1,0 +1,57 @@
+"""Which cells run together as one ensemble job (train/ensemble.py), and how many at once.
+
+Fine-tunes of one checkpoint that differ only in what an ensemble lets members differ
+in (learning rate, seed, task of the same sequence length, weight decay, warmup) are
+one computation with K members. A cell with a mitigation, a WiSE interpolation or the
+along-update probe trains alone. Ensembles are an implementation detail: each member
+keeps its own key and rows, exactly as if it had run alone, so the store, resume and
+analysis do not see them; a killed ensemble job reruns whole.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+from overtrain.study.plan import Cell
+
+# Config keys in which members of one ensemble may differ; every other key must match.
+MEMBER_KEYS = frozenset({"lr", "seed", "task", "task_seed", "weight_decay", "warmup_steps"})
+
+# Members per job when the user does not say: on a CPU the step is compute-bound at the
+# paper preset's size, so more members add little speed but delay every member's result.
+DEFAULT_MEMBERS = {"cpu": 16, "cuda": 256}
+
+
+def signature(cell: Cell) -> str | None:
+    """What cells must share to train as one ensemble; None for a cell that trains alone."""
+    cfg = cell.config
+    if cell.kind != "finetune" or cfg["mitigation"] or cfg["wise"] or cfg["along_update"]:
+        return None
+    return json.dumps({k: v for k, v in cfg.items() if k not in MEMBER_KEYS}, sort_keys=True, default=str)
+
+
+def group_jobs(ready: list[Cell], slots: int, max_members: int) -> list[list[Cell]]:
+    """The ready cells as jobs, in the order of their first cell: compatible cells share a job,
+    split evenly over the executor's slots (so that every worker gets a share) and at most
+    `max_members` to a job.
+
+    The split depends on the cells and the slots only, never on timing, so that a study run
+    twice groups its cells the same way: with one torch thread a member's numbers do not
+    depend on its companions at all (models/stacked.py), with several they may in the last bit."""
+    jobs: list[list[Cell]] = []
+    groups: dict[str, list[Cell]] = {}
+    for cell in ready:
+        key = signature(cell) if max_members > 1 else None
+        if key is None:
+            jobs.append([cell])
+        elif key in groups:
+            groups[key].append(cell)
+        else:
+            groups[key] = [cell]
+            jobs.append(groups[key])  # filled in place as later cells join
+    split = []
+    for job in jobs:
+        size = max(1, min(max_members, math.ceil(len(job) / max(1, slots))))
+        split += [job[i:i + size] for i in range(0, len(job), size)]
+    return split

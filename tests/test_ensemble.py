@@ -1,0 +1,167 @@
+"""Ensembles are an implementation detail: a member trains, diverges and measures as it would alone."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from tiny_study import tiny_study
+
+from overtrain.models.build import build_model
+from overtrain.models.checkpoints import load_checkpoint, save_checkpoint
+from overtrain.models.stacked import StackedLlama
+from overtrain.probes.loss import heldout_metrics, stacked_heldout_metrics
+from overtrain.spec import PRESETS, parse_spec
+from overtrain.study.ensembles import group_jobs
+from overtrain.study.plan import plan_study
+from overtrain.study.runner import run_study
+from overtrain.study.store import load_results, study_status
+from overtrain.train.ensemble import train_ensemble
+from overtrain.train.loop import TrainConfig, train
+from overtrain.train.schedules import Schedule
+
+STEPS = 50
+
+
+def paper_model(seed: int = 0):
+    return build_model(PRESETS["paper"], vocab_size=258, seed=seed)
+
+
+def config(lr: float, weight_decay: float = 0.1, grad_clip: float = 1.0, warmup: int = 5) -> TrainConfig:
+    return TrainConfig(steps=STEPS, weight_decay=weight_decay, grad_clip=grad_clip,
+                       schedule=Schedule("linear", lr, STEPS, warmup))
+
+
+@pytest.mark.filterwarnings("ignore:grad and param do not obey")
+def test_a_members_loss_and_gradient_are_the_hf_models(byte_corpus):
+    models = [paper_model(seed) for seed in range(3)]
+    batch = next(byte_corpus.train_batches(4, 64, seed=0))
+    ids = batch["input_ids"].expand(3, -1, -1).clone()
+    ids[1] = ids[1].flip(-1)  # members read different data
+    labels = ids.clone()
+    labels[:, :, :8] = -100  # a prompt without loss
+    stack = StackedLlama.from_models(models)
+    losses = stack.loss(ids, labels)
+    losses.sum().backward()
+    for member, model in enumerate(models):
+        expected = model(input_ids=ids[member], labels=labels[member]).loss
+        expected.backward()
+        assert losses[member].item() == pytest.approx(expected.item(), rel=1e-6)
+        found = stack.member_state(member)
+        grads = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+        stacked_grads = stack.grads[member, :grads.numel()]
+        torch.testing.assert_close(stacked_grads, grads, rtol=1e-4, atol=1e-7)
+        for name, param in model.named_parameters():
+            assert torch.equal(found[name], param.detach())
+
+
+def test_members_end_where_the_same_runs_end_alone(byte_corpus):
+    """Own LR, schedule, data order, weight decay and clipping per member; 50 steps; final loss to 1e-5."""
+    base = paper_model()
+    configs = [config(1e-3), config(3e-3, weight_decay=0.0), config(1e-2, grad_clip=0.5, warmup=0),
+               config(3e-3, grad_clip=0.0)]
+    seeds = [0, 1, 2, 3]
+    stack = StackedLlama.from_models([base] * len(configs))
+    together = train_ensemble(stack, configs, [byte_corpus.train_batches(8, 64, seed=s) for s in seeds])
+    for member, (cfg, seed) in enumerate(zip(configs, seeds)):
+        alone = copy.deepcopy(base)
+        result = train(alone, byte_corpus.train_batches(8, 64, seed=seed), cfg)
+        assert together[member].steps_done == result.steps_done == STEPS
+        assert together[member].tokens_seen == result.tokens_seen
+        assert together[member].last_loss == pytest.approx(result.last_loss, rel=1e-5)
+        for name, param in alone.named_parameters():
+            torch.testing.assert_close(stack.member_state(member)[name], param.detach(), rtol=1e-3, atol=1e-5)
+
+
+def test_a_diverged_member_stops_and_the_others_go_on(byte_corpus):
+    base = paper_model()
+    configs = [config(1e-3), config(1e6, grad_clip=0.0, warmup=0), config(3e-3)]
+    stack = StackedLlama.from_models([base] * 3)
+    together = train_ensemble(stack, configs, [byte_corpus.train_batches(8, 64, seed=s) for s in range(3)])
+    alone = train(copy.deepcopy(base), byte_corpus.train_batches(8, 64, seed=1), configs[1])
+    assert alone.diverged and together[1].diverged_at_step == alone.diverged_at_step
+    assert together[1].steps_done == alone.steps_done
+    assert stack.members == 2  # the diverged member left the stack
+    for member in (0, 2):
+        result = train(copy.deepcopy(base), byte_corpus.train_batches(8, 64, seed=member), configs[member])
+        assert not together[member].diverged
+        assert together[member].last_loss == pytest.approx(result.last_loss, rel=1e-5)
+
+
+def test_a_members_numbers_do_not_depend_on_its_companions(byte_corpus):
+    """With one torch thread, bit for bit: which members train beside it changes nothing."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        base = paper_model()
+        alone = StackedLlama.from_models([base])
+        train_ensemble(alone, [config(3e-3)], [byte_corpus.train_batches(8, 64, seed=1)])
+        crowd = StackedLlama.from_models([base] * 3)
+        train_ensemble(crowd, [config(1e-3), config(3e-3), config(1e-2)],
+                       [byte_corpus.train_batches(8, 64, seed=s) for s in (0, 1, 2)])
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(alone.weights[0], crowd.weights[1])
+
+
+def test_a_member_saves_as_an_ordinary_checkpoint(byte_corpus, tmp_path):
+    stack = StackedLlama.from_models([paper_model(0), paper_model(1)])
+    train_ensemble(stack, [config(1e-3), config(3e-3)], [byte_corpus.train_batches(4, 32, seed=s) for s in (0, 1)])
+    save_checkpoint(stack.member_model(1), byte_corpus.tokenizer, tmp_path / "member", {"note": "member 1"})
+    loaded, _ = load_checkpoint(tmp_path / "member")
+    for name, param in loaded.named_parameters():
+        assert torch.equal(param, stack.member_state(1)[name])
+
+
+def test_held_out_metrics_of_every_member_in_one_pass(byte_corpus):
+    models = [paper_model(seed) for seed in range(3)]
+    batches = byte_corpus.heldout_batches(4, 64, 1024)
+    together = stacked_heldout_metrics(StackedLlama.from_models(models), batches, byte_corpus.byte_lengths)
+    for model, found in zip(models, together):
+        expected = heldout_metrics(model, batches, byte_corpus.byte_lengths)
+        assert found == pytest.approx(expected, rel=1e-6)
+
+
+# -- the engine ---------------------------------------------------------------------
+
+
+def test_compatible_fine_tunes_are_grouped_the_same_way_whatever_the_timing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    spec = parse_spec(tiny_study(tmp_path, finetune={"lrs": [1e-4, 1e-3, 1e-2], "seeds": [0, 1]},
+                                 mitigations={"l2": [0.1]}))
+    cells = [c for c in plan_study(spec) if c.kind == "finetune" and c.reads == "constant-2048"]
+    plain = [c for c in cells if not c.config["mitigation"]]
+    jobs = group_jobs(cells, slots=2, max_members=16)
+    assert sorted(len(job) for job in jobs if len(job) > 1) == [3, 3]  # 6 plain fine-tunes over 2 slots
+    assert all(len(job) == 1 and job[0].config["mitigation"] for job in jobs if len(job) == 1)
+    assert {c.label for job in jobs if len(job) > 1 for c in job} == {c.label for c in plain}
+    assert group_jobs(cells, slots=2, max_members=16) == jobs
+    assert all(len(job) == 1 for job in group_jobs(cells, slots=2, max_members=1))
+
+
+@pytest.fixture(scope="module")
+def alone_and_together(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ensemble_study")
+    runs = {}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(folder)
+        study = parse_spec(tiny_study(folder, finetune={"lrs": [1e-3, 1e-2, 1e6], "seeds": [0, 1], "steps": 4}))
+        for name, members in (("alone", 1), ("together", 16)):
+            runs[name] = run_study(study, folder / name, workers=0, members=members)
+    return runs
+
+
+def test_a_study_in_ensembles_records_what_it_records_alone(alone_and_together):
+    alone, together = (load_results(run) for run in (alone_and_together["alone"], alone_and_together["together"]))
+    identity = ["cell", "metric", "step", "gamma", "seed"]
+    fine_tunes = {name: frame[frame["kind"] == "finetune"].set_index(identity)["value"].sort_index()
+                  for name, frame in (("alone", alone), ("together", together))}
+    assert fine_tunes["alone"].index.equals(fine_tunes["together"].index)  # same keys, same rows
+    values = fine_tunes["alone"].drop(index="tokens_per_second", level="metric", errors="ignore")
+    np.testing.assert_allclose(fine_tunes["together"].loc[values.index], values, rtol=1e-5)
+    statuses = {name: study_status(run).set_index("key")["status"] for name, run in alone_and_together.items()}
+    assert statuses["alone"].equals(statuses["together"].loc[statuses["alone"].index])
+    diverged = study_status(alone_and_together["together"]).query("status == 'diverged'")
+    assert len(diverged) and diverged["label"].str.contains("lr=1e+06", regex=False).all()
