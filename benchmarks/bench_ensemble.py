@@ -99,16 +99,18 @@ def step_speeds(members: list[int], steps: int) -> dict[int, float]:
 
 
 def peak_memory_gib(members: int) -> float:
-    """Peak resident memory of a fresh process that trains an ensemble of `members` for 5 steps."""
+    """Peak resident memory of training an ensemble of `members` for 5 steps, in a fresh process
+    (the peak is reset after the imports, so it is the training's)."""
     script = (
         "import os; os.environ['TQDM_DISABLE'] = '1'; import sys, torch; sys.path.insert(0, sys.argv[2]);"
         "from bench_ensemble import batches; from overtrain.models.build import build_model;"
         "from overtrain.models.stacked import StackedLlama; from overtrain.spec import PRESETS;"
         "from overtrain.train.ensemble import train_ensemble; from overtrain.train.loop import TrainConfig;"
-        "from overtrain.train.schedules import Schedule; from overtrain.runtime.memory import peak_resident_gib;"
+        "from overtrain.train.schedules import Schedule;"
+        "from overtrain.runtime.memory import peak_resident_gib, reset_peak_resident;"
         "torch.set_num_threads(1); k = int(sys.argv[1]); base = build_model(PRESETS['paper'], vocab_size=258, seed=0);"
-        "config = TrainConfig(steps=5, schedule=Schedule('linear', 1e-3, 5, 0));"
-        "train_ensemble(StackedLlama.from_models([base] * k), [config] * k, [batches(i) for i in range(k)]);"
+        "config = TrainConfig(steps=5, schedule=Schedule('linear', 1e-3, 5, 0)); data = [batches(i) for i in range(k)];"
+        "assert reset_peak_resident(); train_ensemble(StackedLlama.from_models([base] * k), [config] * k, data);"
         "print(peak_resident_gib())")
     found = subprocess.run([sys.executable, "-c", script, str(members), str(Path(__file__).parent)],
                            capture_output=True, text=True, check=True)

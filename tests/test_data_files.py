@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -66,21 +64,12 @@ def test_parquet_documents(tmp_path):
         load_documents(str(path), text_field="body")
 
 
-def _save_to_disk_layout(folder, texts):
-    """What `datasets.Dataset.save_to_disk` writes: Arrow stream files listed in state.json."""
-    folder.mkdir(parents=True)
-    table = pa.table({"text": texts})
-    with pa.OSFile(str(folder / "data-00000-of-00001.arrow"), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
-        writer.write_table(table)
-    (folder / "state.json").write_text(json.dumps({"_data_files": [{"filename": "data-00000-of-00001.arrow"}]}))
-    (folder / "dataset_info.json").write_text("{}")
-
-
 def test_saved_dataset_folders(tmp_path):
-    _save_to_disk_layout(tmp_path / "single", ["a saved document", "another"])
+    datasets = pytest.importorskip("datasets")  # the `hub` extra, installed by the test extra
+    datasets.Dataset.from_dict({"text": ["a saved document", "another"]}).save_to_disk(str(tmp_path / "single"))
     assert load_documents(str(tmp_path / "single")) == ["a saved document", "another"]
-    _save_to_disk_layout(tmp_path / "dict" / "train", ["train text"])
-    (tmp_path / "dict" / "dataset_dict.json").write_text(json.dumps({"splits": ["train"]}))
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": ["train text"]}),
+                          "test": datasets.Dataset.from_dict({"text": ["test text"]})}).save_to_disk(str(tmp_path / "dict"))
     assert load_documents(str(tmp_path / "dict")) == ["train text"]
     (tmp_path / "plain").mkdir()
     with pytest.raises(DataError, match="not a datasets.save_to_disk folder"):

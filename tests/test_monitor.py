@@ -4,6 +4,8 @@ a model (weights, training run) left exactly as it was."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -55,11 +57,15 @@ def heldout(python_docs) -> list[str]:
     return python_docs[:8]  # the byte corpus' held-out documents: never trained on
 
 
-def test_trainer_run_folder_reports_sensitivity_and_bpb_against_tokens(tiny_model, byte_corpus, heldout, tmp_path):
+def test_trainer_run_folder_reports_sensitivity_and_bpb_against_tokens(tiny_model, byte_corpus, heldout, tmp_path,
+                                                                      capsys):
     trainer = make_trainer(tiny_model, byte_corpus, tmp_path / "trainer")
     trainer.add_callback(AdaptabilityCallback(trainer, tmp_path / "monitor", heldout, every_steps=EVERY,
                                               gammas=[0.5, 4.0], heldout_tokens=1024))
     trainer.train()
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("overtrain monitor, step")]
+    assert len(printed) == 4 and all(re.search(r"measured in [\d.]+ s, [\d.]+% of the training time", line)
+                                     for line in printed), printed
 
     report = overtrain.report(tmp_path / "monitor")
     tokens = [step * BATCH * SEQ_LEN for step in range(EVERY, STEPS + 1, EVERY)]  # 1536, 3072, 4608, 6144

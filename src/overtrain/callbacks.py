@@ -34,9 +34,9 @@ from transformers import Trainer, TrainerCallback
 from overtrain import monitor
 from overtrain.errors import SpecError
 
-# A measurement at the defaults of overtrain.monitor costs about 8 to 14 training steps on
-# SmolLM2-135M (batches of 4 x 256) and on the paper preset (32 x 128): every 1,000 steps is
-# under 2% of training time (docs/MONITOR.md, benchmarks/bench_monitor.py).
+# A measurement at the defaults of overtrain.monitor costs about 7 training steps of
+# SmolLM2-135M (batches of 4 x 256) and 4 of the paper preset (32 x 128): every 1,000 steps
+# is under 1% of training time (docs/MONITOR.md, benchmarks/bench_monitor.py).
 EVERY_STEPS = 1000
 LOG_PREFIX = "overtrain/"
 
@@ -99,9 +99,9 @@ def tokens_rule(trainer: Trainer, tokens_per_step: int | None) -> tuple[int | No
     counting = args.include_num_input_tokens_seen  # a bool in older transformers, "all"/"non_padding"/"no" now
     if counting not in (False, "no"):
         return None, f"the trainer's count, num_input_tokens_seen (include_num_input_tokens_seen={counting!r})"
-    sequences = args.train_batch_size * args.gradient_accumulation_steps * args.world_size
     if tokens_per_step is not None:
         return tokens_per_step, f"steps x {tokens_per_step:,} tokens per step (given as tokens_per_step)"
+    sequences = args.train_batch_size * args.gradient_accumulation_steps * args.world_size
     try:
         seq_len = len(trainer.train_dataset[0]["input_ids"])
     except (TypeError, KeyError, IndexError, NotImplementedError):

@@ -22,10 +22,13 @@ from overtrain.study.plan import SERIES
 
 
 def series_report(results: list[AuditResult], series: list[SeriesCheckpoint], parameters: dict[str, int],
-                  config: AuditConfig, out: Path) -> Path:
-    """Write the report of a series audit into `out` (index.html, summary.md, tables/, figures).
+                  config: AuditConfig, out: Path) -> Path | None:
+    """Write the report of a series audit into `out` (index.html, summary.md, tables/, figures);
+    None, and no page, when no checkpoint's tokens are known (nothing to draw against tokens).
 
     parameters: each audited checkpoint's parameter count, by label."""
+    if all(checkpoint.tokens is None for checkpoint in series):
+        return None
     study = {"name": f"audit of a series of {len(series)} checkpoints",
              "audit": {"sources": [checkpoint.source for checkpoint in series], "heldout_tokens": config.heldout_tokens},
              "sensitivity": {"gammas": list(config.gammas), "seeds": list(config.noise_seeds)},

@@ -83,7 +83,9 @@ def audit_series(series: list[SeriesCheckpoint], config: AuditConfig, out_dir: s
     table = side_by_side(results)
     table.to_csv(out_dir / "series.csv")
     (out_dir / "series.md").write_text(series_page(results, series, table))
-    series_report(results, series, parameters, config, out_dir / "report")
+    if series_report(results, series, parameters, config, out_dir / "report") is None:
+        print(f"no report against tokens in {out_dir / 'report'}: no checkpoint's pre-training tokens are known "
+              "(give --tokens-per-step)")
     return results
 
 

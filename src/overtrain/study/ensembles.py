@@ -18,9 +18,13 @@ from overtrain.study.plan import Cell
 # Config keys in which members of one ensemble may differ; every other key must match.
 MEMBER_KEYS = frozenset({"lr", "seed", "task", "task_seed", "weight_decay", "warmup_steps"})
 
-# Members per job when the user does not say: on a CPU the step is compute-bound at the
-# paper preset's size, so more members add little speed but delay every member's result.
-DEFAULT_MEMBERS = {"cpu": 16, "cuda": 256}
+# Members per job when the user does not say. On a GPU one tiny model leaves the device
+# idle and K members fill it. On a CPU the step of a 48k-parameter model is already
+# compute-bound on one core and K members' larger tensors fall out of the core's cache:
+# an ensemble measured 0.79-0.95x the tokens/s of one model at a time
+# (benchmarks/bench_ensemble.py, docs/ENGINE.md), so there cells run alone unless
+# `--members` asks otherwise.
+DEFAULT_MEMBERS = {"cpu": 1, "cuda": 256}
 
 
 def signature(cell: Cell) -> str | None:
