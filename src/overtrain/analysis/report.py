@@ -316,10 +316,13 @@ class Report:
 
     def tuned_lr(self, task: str) -> Section:
         id_metric, higher_is_better = self.task_metrics[task]
-        choose = _task(tables.final_points(self.results, id_metric), task)  # the validation part chooses the LR
+        # Each run stops at its best validation step; the validation part chooses the LR, the test part reports it.
+        task_results = self.results[self.results["task"] == task]
+        stopped = tables.early_stopped(task_results, id_metric, higher_is_better)
+        choose = tables.final_points(task_results, id_metric, stopped)
         shown_metric = reporting_metric(id_metric, tables.finetune_metrics_present(self.results))
-        task_metric = _task(tables.final_points(self.results, shown_metric), task)  # the test part reports it
-        ood = _task(tables.final_points(self.results, "ood_bpb"), task)
+        task_metric = tables.final_points(task_results, shown_metric, stopped)
+        ood = tables.final_points(task_results, "ood_bpb", stopped)
         tuned = curves.tuned_lr(choose, higher_is_better)
         id_at, ood_at = curves.tuned_points(task_metric, tuned), curves.tuned_points(ood, tuned)
         by = ["schedule", "decayed", "tokens"]
