@@ -14,31 +14,16 @@ from __future__ import annotations
 
 import argparse
 
-import numpy as np
-import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
 import overtrain
 from overtrain.callbacks import AdaptabilityCallback
-from overtrain.data.corpus import prepare_corpus
+from overtrain.data.corpus import TokenWindows, prepare_corpus
 from overtrain.data.prose import default_documents
 from overtrain.data.splits import split_documents
 
 SEQ_LEN = 128
 
-
-class Windows(torch.utils.data.Dataset):
-    """Consecutive windows of a token stream: a language-model training set."""
-
-    def __init__(self, stream: np.ndarray, seq_len: int):
-        self.stream, self.seq_len = stream, seq_len
-
-    def __len__(self) -> int:
-        return len(self.stream) // self.seq_len
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        ids = torch.from_numpy(self.stream[index * self.seq_len:(index + 1) * self.seq_len].astype(np.int64))
-        return {"input_ids": ids, "labels": ids}
 
 
 def main() -> None:
@@ -59,7 +44,7 @@ def main() -> None:
                                  learning_rate=3e-3, lr_scheduler_type="cosine", warmup_steps=args.steps // 20,
                                  weight_decay=0.1, logging_steps=50, save_strategy="no", report_to=[], use_cpu=True,
                                  include_num_input_tokens_seen=True, seed=0)
-    trainer = Trainer(model=model, args=training, train_dataset=Windows(corpus.train, SEQ_LEN),
+    trainer = Trainer(model=model, args=training, train_dataset=TokenWindows(corpus.train, SEQ_LEN),
                       processing_class=tokenizer)
     trainer.add_callback(AdaptabilityCallback(trainer, run_dir=args.out, heldout=heldout_texts,
                                               every_steps=args.every_steps))

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import re
 
-import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -14,24 +13,12 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 import overtrain
 from overtrain.callbacks import AdaptabilityCallback
+from overtrain.data.corpus import TokenWindows
 from overtrain.errors import DataError, SpecError
 from overtrain.monitor import measure
 
 BATCH, SEQ_LEN, STEPS, EVERY = 4, 64, 24, 6
 
-
-class Windows(torch.utils.data.Dataset):
-    """Consecutive windows of a token stream, as a language-model training set."""
-
-    def __init__(self, stream: np.ndarray, seq_len: int):
-        self.stream, self.seq_len = stream, seq_len
-
-    def __len__(self) -> int:
-        return len(self.stream) // self.seq_len
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        ids = torch.from_numpy(self.stream[index * self.seq_len:(index + 1) * self.seq_len].astype(np.int64))
-        return {"input_ids": ids, "labels": ids}
 
 
 class LogSpy(TrainerCallback):
@@ -48,7 +35,7 @@ def make_trainer(model, corpus, out, callbacks=(), **arguments) -> Trainer:
     args = TrainingArguments(output_dir=str(out), max_steps=STEPS, per_device_train_batch_size=BATCH,
                              learning_rate=3e-3, logging_steps=10, save_strategy="no", report_to=[], use_cpu=True,
                              disable_tqdm=True, seed=0, dataloader_num_workers=0, **arguments)
-    return Trainer(model=model, args=args, train_dataset=Windows(corpus.train, SEQ_LEN),
+    return Trainer(model=model, args=args, train_dataset=TokenWindows(corpus.train, SEQ_LEN),
                    processing_class=corpus.tokenizer, callbacks=list(callbacks))
 
 

@@ -70,6 +70,21 @@ class PreparedCorpus:
         return [{"input_ids": w, "labels": w} for w in windows.split(batch_size)]
 
 
+class TokenWindows(torch.utils.data.Dataset):
+    """Consecutive windows of a token stream as a map-style dataset (input ids and labels),
+    for training loops that take one, such as the Hugging Face `Trainer`."""
+
+    def __init__(self, stream: np.ndarray, seq_len: int):
+        self.stream, self.seq_len = stream, seq_len
+
+    def __len__(self) -> int:
+        return len(self.stream) // self.seq_len
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        ids = torch.from_numpy(self.stream[index * self.seq_len:(index + 1) * self.seq_len].astype(np.int64))
+        return {"input_ids": ids, "labels": ids}
+
+
 def prepare_corpus(train_docs: list[str], heldout_docs: list[str], vocab_size: int | str,
                    tokenizer: PreTrainedTokenizerFast | None = None) -> PreparedCorpus:
     """Train the tokenizer (or take `tokenizer`: checkpoints that are not ours bring their own)
