@@ -13,10 +13,13 @@ from __future__ import annotations
 import json
 import math
 
+import torch
+
 from overtrain.study.plan import Cell
 
-# Config keys in which members of one ensemble may differ; every other key must match.
-MEMBER_KEYS = frozenset({"lr", "seed", "task", "task_seed", "weight_decay", "warmup_steps"})
+# Config keys in which members of one ensemble may differ; every other key must match
+# (the task's split seed too: a job holds one tokenized split per task name).
+MEMBER_KEYS = frozenset({"lr", "seed", "task", "weight_decay", "warmup_steps"})
 
 # Members per job when the user does not say. On a GPU one tiny model leaves the device
 # idle and K members fill it. On a CPU the step of a 48k-parameter model is already
@@ -25,6 +28,13 @@ MEMBER_KEYS = frozenset({"lr", "seed", "task", "task_seed", "weight_decay", "war
 # (benchmarks/bench_ensemble.py, docs/ENGINE.md), so there cells run alone unless
 # `--members` asks otherwise.
 DEFAULT_MEMBERS = {"cpu": 1, "cuda": 256}
+
+
+def default_members(device: str) -> int:
+    """Members per job for the study's `device` setting, read as written: the process that
+    schedules (a Ray driver) need not have the GPU its workers have."""
+    on_gpu = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    return DEFAULT_MEMBERS["cuda" if on_gpu else "cpu"]
 
 
 def signature(cell: Cell) -> str | None:

@@ -27,10 +27,9 @@ from pathlib import Path
 from overtrain.data.corpus import PreparedCorpus
 from overtrain.errors import StudyStopped
 from overtrain.models.checkpoints import MANIFEST, read_manifest
-from overtrain.runtime.device import pick_device
 from overtrain.spec import StudySpec
 from overtrain.study.cells import is_diverged
-from overtrain.study.ensembles import DEFAULT_MEMBERS, group_jobs
+from overtrain.study.ensembles import default_members, group_jobs
 from overtrain.study.execute import CellJob, CellOutcome, make_executor
 from overtrain.study.folder import RunFolder, claimed_run_folder
 from overtrain.study.plan import Cell, cell_key
@@ -60,7 +59,7 @@ def run_study(spec: StudySpec, run_dir: str | Path, retry_failed: bool = False, 
             store = Store(folder.store)
             try:
                 corpus_folder = corpus.folder if executor == "local" else _shared_copy(corpus, folder)
-                max_members = members or DEFAULT_MEMBERS[pick_device(spec.device).type]
+                max_members = members or default_members(spec.device)
                 _StudyRun(spec, folder, corpus_folder, cells, store, runner, retry_failed, max_members).run()
                 export_tables(folder, store)
             finally:
