@@ -234,9 +234,7 @@ def run_finetune_ensemble(members: list[tuple[str, Cell]], ctx: StudyContext) ->
     start = {name: finetune_metrics(model, validation, text, ctx.corpus.byte_lengths, test_batches=test)
              for name, (validation, test) in parts.items()}
 
-    def evaluate(stack: StackedLlama, tasks_of_rows: list[str]) -> list[dict[str, float]]:
-        return stacked_finetune_metrics(stack, tasks_of_rows, parts, text, ctx.corpus.byte_lengths)
-
+    start_capabilities: dict[tuple, dict] = {}  # the base model's, once per (task, seed) they depend on
     rows = {}
     at_once = members_that_fit(model.config, configs[0]["batch_size"] * configs[0]["seq_len"], ctx.device)
     for first in range(0, len(members), at_once):
@@ -244,13 +242,17 @@ def run_finetune_ensemble(members: list[tuple[str, Cell]], ctx: StudyContext) ->
         stack = StackedLlama.from_models([model] * len(chunk))
         results = train_ensemble(stack, [_finetune_config(cfg) for cfg in chunk_configs],
                                  [_finetune_batches(tasks[cfg["task"]], cfg, ctx, 0.0) for cfg in chunk_configs],
-                                 evaluate=lambda stack, alive: evaluate(stack, [chunk_configs[m]["task"] for m in alive]),
+                                 evaluate=lambda stack, alive: stacked_finetune_metrics(
+                                     stack, [chunk_configs[m]["task"] for m in alive], parts, text, ctx.corpus.byte_lengths),
                                  evaluate_every=configs[0]["eval_every"],
                                  description=f"{len(chunk)} fine-tunes of {configs[0]['checkpoint']}")
         finished = [m for m, result in enumerate(results) if not result.diverged]  # the stack's rows, in order
         for member, ((key, _), cfg, result) in enumerate(zip(chunk, chunk_configs, results)):
             capabilities = _capabilities(cfg, tasks[cfg["task"]], tokenizer)
-            before = {"step": 0, **start[cfg["task"]], **capabilities(model)}
+            alike = (cfg["task"], cfg["seed"])
+            if alike not in start_capabilities:
+                start_capabilities[alike] = capabilities(model)
+            before = {"step": 0, **start[cfg["task"]], **start_capabilities[alike]}
             after = [] if result.diverged else [
                 {"step": result.steps_done, **capabilities(stack.member_model(finished.index(member)))}]
             rows[key] = _finetune_rows(_finetune_columns(cfg, folder), before, result, after)
