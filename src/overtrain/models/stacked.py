@@ -161,7 +161,7 @@ class StackedLlama:
         Backward accumulates into an existing `.grad` in place, so every gradient lands in
         `grads[K, P]` with no copy; the optimizer then updates `weights` in place."""
         self.params: dict[str, torch.Tensor] = {}
-        for name, (start, end, shape) in _fused(self.slots).items():
+        for name, (start, end, shape) in _fused(self.config, self.slots).items():
             leaf = self.weights[:, start:end].view(self.members, *shape).requires_grad_(True)
             leaf.grad = self.grads[:, start:end].view(self.members, *shape)
             self.params[name] = leaf
@@ -248,22 +248,22 @@ def _layout(config: LlamaConfig) -> list[Slot]:
     return slots
 
 
-def _fused(slots: list[Slot]) -> dict[str, tuple[int, int, tuple[int, ...]]]:
+def _fused(config: LlamaConfig, slots: list[Slot]) -> dict[str, tuple[int, int, tuple[int, ...]]]:
     """The tensors the forward pass uses: (start, end, per-member shape) of each, fusing q|k|v and gate|up."""
     at = {slot.name: slot for slot in slots}
-    d = at["model.norm.weight"].shape[0]
-    embed = at["model.embed_tokens.weight"]
-    views = {"embed": (embed.start, embed.end, embed.shape), "norm": (at["model.norm.weight"].start, at["model.norm.weight"].end, (d,))}
-    layer = 0
-    while f"model.layers.{layer}.self_attn.q_proj.weight" in at:
-        prefix = f"model.layers.{layer}"
-        q, v = at[f"{prefix}.self_attn.q_proj.weight"], at[f"{prefix}.self_attn.v_proj.weight"]
-        gate, up = at[f"{prefix}.mlp.gate_proj.weight"], at[f"{prefix}.mlp.up_proj.weight"]
-        for short, name in (("o", "self_attn.o_proj"), ("down", "mlp.down_proj"), ("input_norm", "input_layernorm"),
-                            ("post_norm", "post_attention_layernorm")):
-            slot = at[f"{prefix}.{name}.weight"]
-            views[f"{layer}.{short}"] = (slot.start, slot.end, slot.shape)
-        views[f"{layer}.qkv"] = (q.start, v.end, (3 * d, d))
-        views[f"{layer}.gate_up"] = (gate.start, up.end, (2 * gate.shape[0], d))
-        layer += 1
+    d, ffn = config.hidden_size, config.intermediate_size
+
+    def span(first: str, last: str, shape: tuple[int, ...]) -> tuple[int, int, tuple[int, ...]]:
+        return at[first].start, at[last].end, shape
+
+    views = {"embed": span("model.embed_tokens.weight", "model.embed_tokens.weight", (config.vocab_size, d)),
+             "norm": span("model.norm.weight", "model.norm.weight", (d,))}
+    for layer in range(config.num_hidden_layers):
+        weight = f"model.layers.{layer}.{{}}.weight".format
+        views |= {f"{layer}.qkv": span(weight("self_attn.q_proj"), weight("self_attn.v_proj"), (3 * d, d)),
+                  f"{layer}.o": span(weight("self_attn.o_proj"), weight("self_attn.o_proj"), (d, d)),
+                  f"{layer}.gate_up": span(weight("mlp.gate_proj"), weight("mlp.up_proj"), (2 * ffn, d)),
+                  f"{layer}.down": span(weight("mlp.down_proj"), weight("mlp.down_proj"), (d, ffn)),
+                  f"{layer}.input_norm": span(weight("input_layernorm"), weight("input_layernorm"), (d,)),
+                  f"{layer}.post_norm": span(weight("post_attention_layernorm"), weight("post_attention_layernorm"), (d,))}
     return views
