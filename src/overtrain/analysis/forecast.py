@@ -77,6 +77,7 @@ def forecast(results: pd.DataFrame, first: int | None = None, n_boot: int = curv
                "fitted_to": fitted[-1],
                "sensitivity_exponent": _sensitivity_exponent(sensitivity[sensitivity["schedule"] == schedule], fitted),
                **_forecast_turn(curve[curve["tokens"].isin(fitted)], n_boot, seed)}
+        row["turn_low"], row["turn_high"] = _at_least_the_spacing(row["turn"], row["turn_low"], row["turn_high"], budgets)
         beyond = len(budgets) - len(fitted)
         if beyond:
             measured = curves.find_inflection(ood[(ood["schedule"] == schedule) & (ood["task"] == task) & (ood["lr"] == lr)],
@@ -155,6 +156,25 @@ def _growth(x: np.ndarray, y: np.ndarray, beta: np.ndarray) -> dict[str, np.ndar
     scale = (power * y[:, None]).sum(axis=-1) / (power ** 2).sum(axis=-1)
     sse = ((y[:, None] - scale[..., None] * power) ** 2).sum(axis=-1)
     return {"exponent": beta, "scale": scale, "sse": sse}
+
+
+def _at_least_the_spacing(turn: float, low: float, high: float, budgets: np.ndarray) -> tuple[float, float]:
+    """A forecast turn's interval, never narrower than the budgets around it (STATISTICS §5): a turn
+    between two budgets is known to that bracket at best; beyond the measured budgets the grid is
+    continued at the ratio of its last (or first) two."""
+    if not np.isfinite(turn) or len(budgets) < 2:
+        return low, high
+    if turn > budgets[-1]:
+        ratio = budgets[-1] / budgets[-2]
+        steps = np.floor(np.log(turn / budgets[-1]) / np.log(ratio))
+        below, above = budgets[-1] * ratio ** steps, budgets[-1] * ratio ** (steps + 1)
+    elif turn < budgets[0]:
+        ratio = budgets[1] / budgets[0]
+        steps = np.floor(np.log(budgets[0] / turn) / np.log(ratio))
+        below, above = budgets[0] / ratio ** (steps + 1), budgets[0] / ratio ** steps
+    else:
+        below, above = budgets[budgets <= turn][-1], budgets[budgets >= turn][0]
+    return min(low, float(below)), max(high, float(above))
 
 
 def _percentiles(turns: np.ndarray) -> tuple[float, float]:
