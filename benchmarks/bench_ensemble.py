@@ -63,7 +63,7 @@ def engine_sweeps(steps: int, out: Path) -> dict[str, float]:
     shutil.rmtree(out, ignore_errors=True)
     run_study(parse_spec(study(steps, finetune=False)), out / "pretrained", workers=1)
     speeds = {}
-    for name, members in (("cells (--members 1)", 1), ("ensembles", None)):
+    for name, members in (("cells (--members 1)", 1), ("ensembles", 8)):
         folder = out / name.split()[0]
         shutil.copytree(out / "pretrained", folder)
         run_study(parse_spec(study(steps, finetune=True)), folder, workers=2, members=members)

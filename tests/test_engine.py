@@ -106,3 +106,14 @@ def test_thin_data_gives_not_testable_verdicts_and_a_report_not_a_crash(finished
     assert "2 budgets" in verdicts["finetune_u"][1] and "decayed" not in verdicts["finetune_u"][1]
     page = write_reproduction(finished_run, tmp_path / "REPRODUCTION.md", n_boot=50).read_text()
     assert page.count("**Not testable.**") == len(verdicts)
+
+
+def test_a_note_is_printed_when_the_progress_bar_is_disabled(monkeypatch, capsys):
+    """TQDM_DISABLE turns the bar off, not the notes (e.g. a failed cell's line)."""
+    from overtrain.study.progress import StudyProgress
+
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    progress = StudyProgress("quiet", [], slots=1, recorded=[])
+    progress.note("failed: finetune x: boom")
+    progress.close()
+    assert "failed: finetune x: boom" in capsys.readouterr().err

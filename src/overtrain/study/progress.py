@@ -10,6 +10,7 @@ finished pre-training cell's, read from its result rows.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections import Counter, defaultdict
 
@@ -50,7 +51,8 @@ class StudyProgress:
         self._refresh()
 
     def note(self, message: str) -> None:
-        self.bar.write(message, file=self.bar.fp)
+        # Where the bar is drawn (stderr), above it; a disabled bar (TQDM_DISABLE) has no stream of its own.
+        tqdm.write(message, file=sys.stderr)
 
     def close(self) -> None:
         self.bar.close()
