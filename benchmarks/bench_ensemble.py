@@ -3,15 +3,20 @@
 1. The sweep through the engine: one pre-trained checkpoint of the paper preset
    (~48k parameters, byte vocabulary), 15 fine-tunes on the math task (5 LRs x 3
    seeds, 100 steps of 16 x 256 tokens, measured at steps 0, 50 and 100) as
-   examples/paper.yaml fine-tunes. Run twice from copies of the same run folder:
-   - cells: today's layout, `--workers 2 --members 1` (two worker processes, one
-     thread each, one model per cell);
-   - ensembles: `--workers 2` with ensembles (8 + 7 members, one job per core).
+   examples/paper.yaml fine-tunes. Run from copies of the same run folder:
+   - cells: `--workers 2 --members 1` (two worker processes, one thread each, one
+     model per cell: the engine before ensembles);
+   - ensembles: `--workers 2 --members 8` (8 + 7 members, one job per core), twice:
+     first with an empty compilation cache (every graph compiled in the run), then
+     with the graphs that run left in the cache (as every job after a study's first).
    Wall time from the first fine-tune's start to the last one's end, in the store.
 2. The training step alone, one thread: tokens/s of an ensemble of K members against
-   `train.loop.train` on one model (the speed-up per member count K).
+   `train.loop.train` on one model (the speed-up per member count K), compiled graphs warm.
 3. Memory: peak resident memory of a process training an ensemble of K, per member.
 4. Where an ensemble step's time goes: the profiler's operations, grouped.
+5. Sensitivity draws (examples/paper.yaml's 4 gammas x 3 seeds on 32,768 held-out tokens):
+   evaluated one by one (`gaussian_sensitivity` with `heldout_metrics`) against stacked as
+   one ensemble (`stacked_sensitivity`), one thread.
 
     python benchmarks/bench_ensemble.py [--steps 100] [--out /tmp/bench_ensemble]
 """
@@ -24,15 +29,21 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 
+import numpy as np
 import torch
 
-from overtrain.models.build import build_model
+from overtrain.models.build import build_model, init_stds
 from overtrain.models.stacked import StackedLlama
+from overtrain.probes.loss import heldout_metrics
+from overtrain.probes.perturb import gaussian_sensitivity
+from overtrain.probes.suite import stacked_sensitivity
 from overtrain.spec import PRESETS, parse_spec
 from overtrain.study.runner import run_study
 from overtrain.study.store import study_status
@@ -62,9 +73,13 @@ def engine_sweeps(steps: int, out: Path) -> dict[str, float]:
     """Tokens/s of the 15 fine-tunes, run as cells and as ensembles from the same pre-trained folder."""
     shutil.rmtree(out, ignore_errors=True)
     run_study(parse_spec(study(steps, finetune=False)), out / "pretrained", workers=1)
+    # An empty compilation cache of its own (workers inherit the variable), then the same one warm.
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="bench_ensemble_inductor_")
     speeds = {}
-    for name, members in (("cells (--members 1)", 1), ("ensembles", 8)):
-        folder = out / name.split()[0]
+    runs = (("cells (--members 1)", "cells", 1), ("ensembles, compiling", "ensembles_cold", 8),
+            ("ensembles, cache warm", "ensembles_warm", 8))
+    for name, folder_name, members in runs:
+        folder = out / folder_name
         shutil.copytree(out / "pretrained", folder)
         run_study(parse_spec(study(steps, finetune=True)), folder, workers=2, members=members)
         cells = study_status(folder)
@@ -83,13 +98,16 @@ def batches(seed: int):
 
 
 def step_speeds(members: list[int], steps: int) -> dict[int, float]:
-    """Training-step tokens/s, one thread: one model with `train`, and ensembles of K."""
+    """Training-step tokens/s, one thread: one model with `train`, and ensembles of K (after one
+    short ensemble run that compiles the graphs every K shares: a pass is one member on a CPU)."""
     torch.set_num_threads(1)
     base = build_model(PRESETS["paper"], vocab_size=258, seed=0)
     config = TrainConfig(steps=steps, schedule=Schedule("linear", 1e-3, steps, 5))
     started = time.perf_counter()
     train(base, batches(0), config)
     speeds = {0: steps * BATCH * SEQ_LEN / (time.perf_counter() - started)}
+    warm_up = TrainConfig(steps=2, schedule=Schedule("linear", 1e-3, 2, 0))
+    train_ensemble(StackedLlama.from_models([base]), [warm_up], [batches(0)])
     for k in members:
         stack = StackedLlama.from_models([base] * k)
         started = time.perf_counter()
@@ -100,7 +118,7 @@ def step_speeds(members: list[int], steps: int) -> dict[int, float]:
 
 def peak_memory_gib(members: int) -> float:
     """Peak resident memory of training an ensemble of `members` for 5 steps, in a fresh process
-    (the peak is reset after the imports, so it is the training's)."""
+    (the peak is reset after the imports and the compilation, so it is the training's)."""
     script = (
         "import os; os.environ['TQDM_DISABLE'] = '1'; import sys, torch; sys.path.insert(0, sys.argv[2]);"
         "from bench_ensemble import batches; from overtrain.models.build import build_model;"
@@ -110,6 +128,7 @@ def peak_memory_gib(members: int) -> float:
         "from overtrain.runtime.memory import peak_resident_gib, reset_peak_resident;"
         "torch.set_num_threads(1); k = int(sys.argv[1]); base = build_model(PRESETS['paper'], vocab_size=258, seed=0);"
         "config = TrainConfig(steps=5, schedule=Schedule('linear', 1e-3, 5, 0)); data = [batches(i) for i in range(k)];"
+        "train_ensemble(StackedLlama.from_models([base]), [config], data[:1]);"  # compiles, before the peak is reset
         "assert reset_peak_resident(); train_ensemble(StackedLlama.from_models([base] * k), [config] * k, data);"
         "print(peak_resident_gib())")
     found = subprocess.run([sys.executable, "-c", script, str(members), str(Path(__file__).parent)],
@@ -127,6 +146,7 @@ def profile(members: int) -> list[tuple[str, float]]:
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         train_ensemble(stack, [config] * members, [batches(i) for i in range(members)])
     groups = {"matrix products (bmm)": ("aten::bmm",), "attention (sdpa)": ("flash_attention",),
+              "compiled element-wise kernels (norms, rotary, SwiGLU, cross-entropy)": ("CompiledFxGraph",),
               "softmax / cross-entropy": ("softmax",), "element-wise (norms, rotary, SwiGLU, AdamW)": (
                   "aten::mul", "aten::add", "aten::sub", "aten::div", "aten::neg", "aten::silu", "aten::pow",
                   "aten::rsqrt", "aten::sqrt", "aten::lerp", "aten::addcmul", "aten::where", "aten::clamp"),
@@ -140,6 +160,27 @@ def profile(members: int) -> list[tuple[str, float]]:
     return sorted(shares.items(), key=lambda item: -item[1])
 
 
+def sensitivity_speeds() -> dict[str, float]:
+    """Held-out tokens/s of a checkpoint's 12 sensitivity draws, one by one and stacked."""
+    torch.set_num_threads(1)
+    model = build_model(PRESETS["paper"], vocab_size=258, seed=0)
+    generator = torch.Generator().manual_seed(0)
+    text = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, 258, (4, 64, 128), generator=generator)]
+    byte_lengths = np.ones(258)
+    gammas, seeds = [0.25, 0.5, 0.75, 1.0], [0, 1, 2]
+    tokens = (1 + len(gammas) * len(seeds)) * 4 * 64 * 128
+    stacked_sensitivity(model, gammas[:1], seeds[:1], text, byte_lengths)  # compiles
+    speeds = {}
+    for name, measure in (
+            ("one by one", lambda: gaussian_sensitivity(model, init_stds(model), gammas, seeds,
+                                                        partial(heldout_metrics, batches=text, byte_lengths=byte_lengths))),
+            ("stacked", lambda: stacked_sensitivity(model, gammas, seeds, text, byte_lengths))):
+        started = time.perf_counter()
+        measure()
+        speeds[name] = tokens / (time.perf_counter() - started)
+    return speeds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=100)
@@ -150,9 +191,9 @@ def main() -> None:
     cells = sweep["cells (--members 1)"]
     print(f"\n1. 15 fine-tunes (5 LRs x 3 seeds, {args.steps} steps of {BATCH} x {SEQ_LEN}) through the engine, "
           f"2 workers")
-    print(f"{'layout':<24}{'tokens/s':>12}{'ratio':>8}")
+    print(f"{'layout':<28}{'tokens/s':>12}{'ratio':>8}")
     for name, speed in sweep.items():
-        print(f"{name:<24}{speed:>12,.0f}{speed / cells:>8.2f}")
+        print(f"{name:<28}{speed:>12,.0f}{speed / cells:>8.2f}")
 
     members = [1, 2, 4, 8, 15]
     steps = step_speeds(members, steps=30)
@@ -169,8 +210,12 @@ def main() -> None:
     print("\n4. Where an ensemble step's time goes (8 members, one thread)")
     for name, share in profile(8):
         print(f"{name:<48}{share:>7.1%}")
+    sensitivity = sensitivity_speeds()
+    print("\n5. Sensitivity draws of one checkpoint (12 draws + the model, 32,768 held-out tokens each), one thread")
+    for name, speed in sensitivity.items():
+        print(f"{name:<24}{speed:>12,.0f} tokens/s{speed / sensitivity['one by one']:>8.2f}")
     print(json.dumps({"sweep_tokens_per_second": sweep, "step_tokens_per_second": steps,
-                      "peak_gib": {"1": one, "15": fifteen}}))
+                      "peak_gib": {"1": one, "15": fifteen}, "sensitivity_tokens_per_second": sensitivity}))
 
 
 if __name__ == "__main__":

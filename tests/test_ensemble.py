@@ -18,7 +18,7 @@ from overtrain.study.ensembles import group_jobs
 from overtrain.study.plan import plan_study
 from overtrain.study.runner import run_study
 from overtrain.study.store import load_results, study_status
-from overtrain.train.ensemble import train_ensemble
+from overtrain.train.ensemble import loss_and_gradient, train_ensemble
 from overtrain.train.loop import TrainConfig, train
 from overtrain.train.schedules import Schedule
 
@@ -35,16 +35,18 @@ def config(lr: float, weight_decay: float = 0.1, grad_clip: float = 1.0, warmup:
 
 
 @pytest.mark.filterwarnings("ignore:grad and param do not obey")
-def test_a_members_loss_and_gradient_are_the_hf_models(byte_corpus):
+@pytest.mark.parametrize("compile", [True, False])
+def test_a_members_loss_and_gradient_are_the_hf_models(byte_corpus, compile):
+    """12 x 200 tokens: on a CPU two passes per member (8 and 4 sequences, padded to 256)."""
     models = [paper_model(seed) for seed in range(3)]
-    batch = next(byte_corpus.train_batches(4, 64, seed=0))
+    batch = next(byte_corpus.train_batches(12, 200, seed=0))
     ids = batch["input_ids"].expand(3, -1, -1).clone()
     ids[1] = ids[1].flip(-1)  # members read different data
     labels = ids.clone()
     labels[:, :, :8] = -100  # a prompt without loss
-    stack = StackedLlama.from_models(models)
-    losses = stack.loss(ids, labels)
-    losses.sum().backward()
+    stack = StackedLlama.from_models(models, compile=compile)
+    assert len(list(stack.passes(ids, labels))) == 6
+    losses = loss_and_gradient(stack, ids, labels)
     for member, model in enumerate(models):
         expected = model(input_ids=ids[member], labels=labels[member]).loss
         expected.backward()
@@ -90,19 +92,21 @@ def test_a_diverged_member_stops_and_the_others_go_on(byte_corpus):
         assert together[member].last_loss == pytest.approx(result.last_loss, rel=1e-5)
 
 
-def test_a_members_numbers_do_not_depend_on_its_companions(byte_corpus):
-    """With one torch thread, bit for bit: which members train beside it changes nothing."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_members_numbers_do_not_depend_on_its_companions(byte_corpus, threads):
+    """On a CPU, bit for bit, with one thread or several: which members train beside it changes
+    nothing (a killed ensemble job resumes with the members not yet recorded)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
     try:
         base = paper_model()
         alone = StackedLlama.from_models([base])
         train_ensemble(alone, [config(3e-3)], [byte_corpus.train_batches(8, 64, seed=1)])
-        crowd = StackedLlama.from_models([base] * 3)
-        train_ensemble(crowd, [config(1e-3), config(3e-3), config(1e-2)],
-                       [byte_corpus.train_batches(8, 64, seed=s) for s in (0, 1, 2)])
+        crowd = StackedLlama.from_models([base] * 5)
+        train_ensemble(crowd, [config(1e-3), config(3e-3), config(1e-2), config(3e-4), config(1e-3, grad_clip=0.0)],
+                       [byte_corpus.train_batches(8, 64, seed=s) for s in (0, 1, 2, 3, 4)])
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(before)
     assert torch.equal(alone.weights[0], crowd.weights[1])
 
 

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from overtrain.models.build import init_stds
@@ -52,3 +53,24 @@ def test_sensitivity_rows_grow_with_gamma(tiny_model, byte_corpus):
     small = [r["delta_bpb"] for r in rows if r["gamma"] == 1.0]
     large = [r["delta_bpb"] for r in rows if r["gamma"] == 30.0]
     assert max(map(abs, small)) < min(large)
+
+
+def test_draws_stacked_as_one_ensemble_measure_what_they_measure_one_by_one(tiny_model, byte_corpus):
+    """The same noise bit for bit; the same held-out loss and bpb to float32 rounding."""
+    from overtrain.probes.loss import heldout_metrics
+    from overtrain.probes.suite import stacked_sensitivity
+
+    batches = byte_corpus.heldout_batches(8, 64, 2048)
+    perturber = InPlacePerturber(tiny_model, init_stds(tiny_model))
+    with perturber.perturbed(3.0, 1):
+        for name, param in tiny_model.named_parameters():
+            if name in perturber.params:
+                assert torch.equal(perturber.perturbed_copies(3.0, 1)[name], param), name
+    one_by_one = gaussian_sensitivity(tiny_model, init_stds(tiny_model), [1.0, 30.0], [0, 1],
+                                      lambda m: heldout_metrics(m, batches, byte_corpus.byte_lengths))
+    stacked = stacked_sensitivity(tiny_model, [1.0, 30.0], [0, 1], batches, byte_corpus.byte_lengths)
+    assert [(r["gamma"], r["seed"]) for r in stacked] == [(r["gamma"], r["seed"]) for r in one_by_one]
+    for alone, together in zip(one_by_one, stacked):
+        for name in ("loss_nats", "bpb"):
+            assert together[name] == pytest.approx(alone[name], rel=1e-6)
+            assert together[f"delta_{name}"] == pytest.approx(alone[f"delta_{name}"], rel=1e-4, abs=1e-6)

@@ -81,8 +81,7 @@ def run_command(
                                            "The run folder must be on storage every node mounts."),
     members: int = typer.Option(None, min=1, help="At most this many fine-tunes of one checkpoint trained as one "
                                                   "ensemble job (default: 256 on a GPU, fewer where memory is "
-                                                  "short; 1, every cell alone, on a CPU, where ensembles are not "
-                                                  "faster). Results do not change."),
+                                                  "short; 16 on a CPU; 1: every cell alone). Results do not change."),
 ) -> None:
     """Run a study: pre-train, probe, fine-tune, report. Finished cells are never recomputed."""
     _run(study, out, retry_failed, workers, executor, address, members)

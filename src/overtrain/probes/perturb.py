@@ -34,6 +34,13 @@ class InPlacePerturber:
         finally:
             self.restore()
 
+    def perturbed_copies(self, gamma: float, seed: int) -> dict[str, torch.Tensor]:
+        """The noised tensors that `perturbed(gamma, seed)` sets, as new tensors, bit for bit the
+        same (e.g. to stack many draws as the members of one ensemble)."""
+        with torch.no_grad():
+            return {name: self.backup[name].clone().add_(self.noise(param, seed, index), alpha=gamma * self.stds[name])
+                    for index, (name, param) in enumerate(sorted(self.params.items()))}
+
     @staticmethod
     def noise(param: torch.Tensor, seed: int, index: int) -> torch.Tensor:
         # Draw on the CPU from a generator per tensor: the same seed gives the same

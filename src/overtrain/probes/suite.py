@@ -18,17 +18,22 @@ import torch
 from overtrain.data.benchmarks import load_benchmark
 from overtrain.data.examples import TokenizedTask
 from overtrain.models.build import init_stds
-from overtrain.models.stacked import StackedLlama
+from overtrain.models.stacked import StackedLlama, unsupported_reason
 from overtrain.probes.curvature import forgetting_prediction
 from overtrain.probes.drift import parameter_drift
 from overtrain.probes.harness import is_lm_eval, lm_eval_scores
 from overtrain.probes.hessian import hessian_eigenvalues, hessian_trace
 from overtrain.probes.loss import heldout_metrics, stacked_heldout_metrics
 from overtrain.probes.objective import Batch, Objective, causal_lm_objective
-from overtrain.probes.perturb import gaussian_sensitivity
+from overtrain.probes.perturb import InPlacePerturber, gaussian_sensitivity
 from overtrain.probes.residue import docstring_rate
 from overtrain.probes.scoring import evaluate_mc, task_accuracy
 from overtrain.probes.sharpness import critical_sharpness, kl_sharpness
+
+# The draws of a checkpoint's sensitivity held at once as one ensemble: at most this many
+# bytes of stacked weights and gradients (all the draws of the paper preset; one at a
+# time for a model of 100M+ parameters).
+STACKED_DRAW_BYTES = 1 << 30
 
 # -- a checkpoint --------------------------------------------------------------------
 
@@ -39,7 +44,10 @@ def probe_rows(model: torch.nn.Module, text: Sequence[Batch], byte_lengths: np.n
     sensitivity (`sensitivity`: the study's `sensitivity:` keys) and sharpness on
     `sharpness_text` (`sharpness`: its `sharpness:` keys); None skips either."""
     rows = heldout_rows(model, text, byte_lengths)
-    if sensitivity:
+    if sensitivity and unsupported_reason(model.config) is None:
+        rows += _sensitivity_entry_rows(stacked_sensitivity(model, sensitivity["gammas"], sensitivity["seeds"],
+                                                            text, byte_lengths))
+    elif sensitivity:
         measure = partial(heldout_metrics, batches=text, byte_lengths=byte_lengths)
         rows += sensitivity_rows(model, sensitivity["gammas"], sensitivity["seeds"], measure)
     if sharpness:
@@ -56,8 +64,38 @@ def sensitivity_rows(model: torch.nn.Module, gammas: Sequence[float], seeds: Seq
                      measure: Callable[[torch.nn.Module], dict[str, float]]) -> list[dict]:
     """Loss and bpb of the model under Gaussian noise of each size gamma (in init stds) and
     seed: `perturbed_*`, and `delta_*` = perturbed - unperturbed, one row per (gamma, seed)."""
+    return _sensitivity_entry_rows(gaussian_sensitivity(model, init_stds(model), list(gammas), list(seeds), measure))
+
+
+def stacked_sensitivity(model: torch.nn.Module, gammas: Sequence[float], seeds: Sequence[int],
+                        text: Sequence[Batch], byte_lengths: np.ndarray) -> list[dict]:
+    """`gaussian_sensitivity`'s entries with held-out loss and bpb as the measure, every draw
+    (and the unperturbed model, the first member) a member of one ensemble: the text is read
+    once per batch for all of them. The draws are `InPlacePerturber`'s, bit for bit; the
+    numbers are `heldout_metrics`' to float32 rounding (tests/test_perturb.py)."""
+    perturber = InPlacePerturber(model, init_stds(model))
+    draws = [(gamma, seed) for gamma in gammas for seed in seeds]
+    members = [None, *draws]  # None: the unperturbed model
+    weights_and_grads = 8 * sum(p.numel() for p in model.parameters())
+    per_stack = max(1, STACKED_DRAW_BYTES // weights_and_grads)
+    found = []
+    for first in range(0, len(members), per_stack):
+        chunk = members[first:first + per_stack]
+        stack = StackedLlama.from_models([model] * len(chunk))
+        for row, draw in enumerate(chunk):
+            if draw is not None:
+                stack.load_member(row, perturber.perturbed_copies(*draw))
+        found += stacked_heldout_metrics(stack, list(text), byte_lengths)
+    base, *perturbed = found
+    return [{"gamma": 0.0, "seed": -1, **base, **{f"delta_{k}": 0.0 for k in base}}] + [
+        {"gamma": gamma, "seed": seed, **metrics, **{f"delta_{k}": metrics[k] - base[k] for k in base}}
+        for (gamma, seed), metrics in zip(draws, perturbed)]
+
+
+def _sensitivity_entry_rows(entries: list[dict]) -> list[dict]:
+    """Rows of `gaussian_sensitivity`'s entries, the unperturbed first one left out."""
     rows = []
-    for entry in gaussian_sensitivity(model, init_stds(model), list(gammas), list(seeds), measure)[1:]:
+    for entry in entries[1:]:
         for name in ("loss_nats", "bpb"):
             where = {"gamma": entry["gamma"], "seed": entry["seed"]}
             rows += [{**where, "metric": f"perturbed_{name}", "value": entry[name]},

@@ -22,12 +22,10 @@ from overtrain.study.plan import Cell
 MEMBER_KEYS = frozenset({"lr", "seed", "task", "weight_decay", "warmup_steps"})
 
 # Members per job when the user does not say. On a GPU one tiny model leaves the device
-# idle and K members fill it. On a CPU the step of a 48k-parameter model is already
-# compute-bound on one core and K members' larger tensors fall out of the core's cache:
-# an ensemble measured 0.79-0.95x the tokens/s of one model at a time
-# (benchmarks/bench_ensemble.py, docs/ENGINE.md), so there cells run alone unless
-# `--members` asks otherwise.
-DEFAULT_MEMBERS = {"cpu": 1, "cuda": 256}
+# idle and K members fill it. On a CPU a job computes its members one after another
+# (`models/stacked.pass_shape`), so K only sets how much work a job amortizes its
+# compilation and evaluation set-up over, and how much a killed job reruns.
+DEFAULT_MEMBERS = {"cpu": 16, "cuda": 256}
 
 
 def default_members(device: str) -> int:

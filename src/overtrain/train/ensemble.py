@@ -6,8 +6,8 @@ loss is not finite stops there (its divergence is its result) and is dropped fro
 the stack; the others go on. Per member, the arithmetic is `loop.train`'s: HF's
 causal-LM loss, `clip_grad_norm_`'s clip, `torch.optim.AdamW`'s update (weight decay
 on matrices only), so a member ends where the same run trained alone ends, to float32
-rounding (tests/test_ensemble.py). Not here: SAM, the L2 pull, LoRA, compilation;
-cells that use them train alone.
+rounding (tests/test_ensemble.py). Not here: SAM, the L2 pull, LoRA; cells that
+use them train alone. Compilation is the stack's own (`StackedLlama(compile=...)`).
 """
 
 from __future__ import annotations
@@ -42,13 +42,15 @@ class EnsembleAdamW:
     def step(self, lrs: torch.Tensor) -> None:
         beta1, beta2 = self.betas
         self.steps += 1
-        weights, grads, lrs = self.stack.weights, self.stack.grads, lrs[:, None]
-        weights.mul_(1 - lrs * self.decay)
-        self.exp_avg.lerp_(grads, 1 - beta1)
-        self.exp_avg_sq.mul_(beta2).addcmul_(grads, grads, value=1 - beta2)
-        step_size = lrs / (1 - beta1 ** self.steps)
-        denom = (self.exp_avg_sq.sqrt() / (1 - beta2 ** self.steps) ** 0.5).add_(self.eps)
-        weights.addcmul_(self.exp_avg / denom, step_size, value=-1.0)
+        for rows in self.stack.row_blocks():
+            weights, grads, lr = self.stack.weights[rows], self.stack.grads[rows], lrs[rows, None]
+            exp_avg, exp_avg_sq = self.exp_avg[rows], self.exp_avg_sq[rows]
+            weights.mul_(1 - lr * self.decay[rows])
+            exp_avg.lerp_(grads, 1 - beta1)
+            exp_avg_sq.mul_(beta2).addcmul_(grads, grads, value=1 - beta2)
+            step_size = lr / (1 - beta1 ** self.steps)
+            denom = (exp_avg_sq.sqrt() / (1 - beta2 ** self.steps) ** 0.5).add_(self.eps)
+            weights.addcmul_(exp_avg / denom, step_size, value=-1.0)
 
     def keep(self, rows: torch.Tensor) -> None:
         self.exp_avg, self.exp_avg_sq, self.decay = (t.index_select(0, rows) for t in (self.exp_avg, self.exp_avg_sq, self.decay))
@@ -83,13 +85,11 @@ def train_ensemble(
     for step in bar:
         drawn = [next(batches[m]) for m in alive]
         input_ids, labels = stacked_batch(drawn, stack.device)
-        with autocast(stack.device):
-            losses = stack.loss(input_ids, labels)
-        finite = torch.isfinite(losses)
-        # A diverged member's gradient is NaN in its own rows only: members share no operation.
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=LAYOUT_WARNING)
-            torch.where(finite, losses, torch.zeros_like(losses)).sum().backward()
+            losses = loss_and_gradient(stack, input_ids, labels)
+        # A diverged member's gradient is not finite in its own rows only: members share no operation.
+        finite = torch.isfinite(losses)
         losses = losses.tolist()
         if not bool(finite.all()):
             rows = [row for row, ok in enumerate(finite.tolist()) if ok]
@@ -103,7 +103,7 @@ def train_ensemble(
             alive, drawn, losses = [alive[r] for r in rows], [drawn[r] for r in rows], [losses[r] for r in rows]
             if not alive:
                 break
-        _clip_rows(stack.grads, clips)
+        _clip_rows(stack, clips)
         optimizer.step(torch.tensor([configs[m].schedule(step) for m in alive], device=stack.device))
         stack.grads.zero_()
         for member, batch, loss in zip(alive, drawn, losses):
@@ -127,6 +127,19 @@ def train_ensemble(
     return results
 
 
+def loss_and_gradient(stack: StackedLlama, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Each member's loss [K] (HF's: the mean over the batch's counted positions), its gradient
+    accumulated into `stack.grads`, pass by pass (`StackedLlama.passes`)."""
+    counted = (labels[:, :, 1:] != IGNORE).sum(dim=(1, 2)).clamp(min=1)
+    nats = torch.zeros(stack.members, device=stack.device)
+    with autocast(stack.device):
+        for rows, _, losses in stack.passes(input_ids, labels):
+            summed = losses.sum(dim=(1, 2))
+            (summed / counted[rows]).sum().backward()
+            nats[rows] += summed.detach()
+    return nats / counted
+
+
 def stacked_batch(batches: Sequence[Batch], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Members' batches as [K, B, T] ids and labels, right-padded to the longest (the padding
     has no loss and, with causal attention at the end of each row, changes no other position)."""
@@ -142,10 +155,12 @@ def _pad(tensor: torch.Tensor, length: int, value: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _clip_rows(grads: torch.Tensor, clips: torch.Tensor) -> None:
+def _clip_rows(stack: StackedLlama, clips: torch.Tensor) -> None:
     """`clip_grad_norm_` per member: scale a row by min(1, clip / (norm + 1e-6)); a clip of 0 is none."""
-    coefficients = (clips / (torch.linalg.vector_norm(grads, dim=1) + 1e-6)).clamp(max=1.0)
-    grads.mul_(torch.where(clips > 0, coefficients, torch.ones_like(coefficients))[:, None])
+    for rows in stack.row_blocks():
+        grads = stack.grads[rows]
+        coefficients = (clips[rows] / (torch.linalg.vector_norm(grads, dim=1) + 1e-6)).clamp(max=1.0)
+        grads.mul_(torch.where(clips[rows] > 0, coefficients, torch.ones_like(coefficients))[:, None])
 
 
 def _check_alike(configs: Sequence[TrainConfig]) -> None:
@@ -153,5 +168,5 @@ def _check_alike(configs: Sequence[TrainConfig]) -> None:
     for config in configs:
         if (config.steps, config.beta1, config.beta2) != (first.steps, first.beta1, first.beta2):
             raise ValueError("ensemble members must share steps and AdamW betas; train the others apart")
-        if config.l2_to_start or config.sam_rho or config.compile:
-            raise ValueError("ensemble members train without the L2 pull, SAM or compilation; train those alone")
+        if config.l2_to_start or config.sam_rho:
+            raise ValueError("ensemble members train without the L2 pull or SAM; train those alone")
