@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
+from collections import Counter
 
 import pytest
 import torch
@@ -172,3 +173,18 @@ def test_disk_full_while_writing_a_checkpoint_stops_the_study(inputs, monkeypatc
     assert cells["status"].value_counts().to_dict() == {"pending": 3, "blocked": 2, "failed": 1}
     checkpoints = inputs / "run" / "checkpoints"
     assert not checkpoints.exists() or not list(checkpoints.iterdir())  # no partial checkpoint
+
+
+def test_a_run_with_a_failed_cell_exits_non_zero_after_writing_what_it_has(inputs, monkeypatch):
+    monkeypatch.setattr(faults, "_visits", Counter())  # visits counted by earlier tests in this process
+    monkeypatch.setenv("OVERTRAIN_FAULT", "raise:cell-pretrain#1")
+    result = run(tiny_study(inputs, pretrain={"schedules": ["cosine"]}, sensitivity=None, finetune={"lrs": [1e-3]}),
+                 inputs)
+    assert result.exit_code == 1, result.output
+    error = [line for line in result.output.splitlines() if line.startswith("error: ")]
+    assert error == [f"error: 1 cell failed: `overtrain status {inputs / 'run'}` shows why; `overtrain run "
+                     f"{inputs / 'study.yaml'} --out {inputs / 'run'} --retry-failed` runs them again"]
+    assert (inputs / "run" / "results.csv").exists()
+    monkeypatch.delenv("OVERTRAIN_FAULT")
+    assert run(tiny_study(inputs, pretrain={"schedules": ["cosine"]}, sensitivity=None, finetune={"lrs": [1e-3]}),
+               inputs, "--retry-failed").exit_code == 0

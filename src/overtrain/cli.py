@@ -100,9 +100,14 @@ def _run(study: Path, out: Path | None, retry_failed: bool, workers: int = 1, ex
             if not str(err).startswith(str(study)):
                 raise SpecError(f"{study}: {err}") from None
             raise
-        folder = api.run_folder(run_dir)
-        typer.echo(_counts_line(api.status(run_dir)))
+        folder, cells = api.run_folder(run_dir), api.status(run_dir)
+        typer.echo(_counts_line(cells))
         typer.echo(f"results: {folder.results_csv}\nreport:  {folder.report.markdown}")
+        failed = int((cells["status"] == "failed").sum())
+        if failed:  # the results and the report stand; a script still learns that cells are missing
+            typer.echo(f"error: {failed} cell{'s' if failed > 1 else ''} failed: `overtrain status {run_dir}` shows "
+                       f"why; `overtrain run {study} --out {run_dir} --retry-failed` runs them again", err=True)
+            raise typer.Exit(1)
 
 
 @app.command("status")
