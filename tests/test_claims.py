@@ -141,11 +141,16 @@ def test_a_turn_that_comes_earlier_for_a_larger_lr_holds_lr_moves_turn():
     def later(schedule, lr, x):
         return 2.5 + 0.02 * (x - (21 if lr < 2e-3 else 23)) ** 2
 
-    moved = claims.lr_moves_turn(claims.finetune_u(pd.DataFrame(finetune_rows(earlier)), 100, 0))
+    def moves(rows):
+        results = pd.DataFrame(rows)
+        return claims.lr_moves_turn(results, claims.finetune_u(results, 100, 0), 200, 0)
+
+    moved = moves(finetune_rows(earlier))
     assert moved.verdict == "holds" and "8.39M -> 2.1M" in moved.reason, moved.reason
-    assert moved.effect == pytest.approx(np.log10(2**21 / 2**23)) and moved.effect_low <= moved.effect <= moved.effect_high
-    assert claims.lr_moves_turn(claims.finetune_u(pd.DataFrame(finetune_rows(later)), 100, 0)).verdict == "does not hold"
-    thin = claims.lr_moves_turn(claims.finetune_u(pd.DataFrame(finetune_rows(earlier, seeds=1)), 100, 0))
+    assert moved.effect == pytest.approx(np.log10(2**21 / 2**23), abs=0.05)
+    assert moved.effect_low <= moved.effect <= moved.effect_high < 0
+    assert moves(finetune_rows(later)).verdict == "does not hold"
+    thin = moves(finetune_rows(earlier, seeds=1))
     assert thin.verdict == "not testable" and "one seed" in thin.reason
 
 

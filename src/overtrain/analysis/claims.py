@@ -13,8 +13,8 @@ measures how often each verdict is wrong. One claim per finding, by its short id
   first budget counts as lowest at the first budget);
 - `finetune_u`: a U in pre-training-text bpb after fine-tuning at a fixed LR (curves:
   schedule x task x LR);
-- `lr_moves_turn`: in a (schedule, task) with such a U, the lowest budget moves to fewer
-  tokens as the LR grows;
+- `lr_moves_turn`: in a (schedule, task) with such a U, the lowest budget is at fewer tokens at
+  the largest LR than at the smallest (a paired bootstrap of the shift);
 - `t_ft_tuned`, `t_pre_tuned`, `lr_trend`, `matched_loss`: the fine-tuning LR (`tuned_claims.py`);
 - `decay_forgets_more`: at equal tokens, decayed minus constant-LR forgetting (paired by
   budget, task, LR and seed) > 0; the text says whether decay moves the fixed-LR turn earlier;
@@ -36,7 +36,7 @@ import pandas as pd
 
 from overtrain.analysis import curves, forecast, significance, tables, tuned_claims
 from overtrain.analysis.page import short_tokens, sig
-from overtrain.analysis.replicates import SeedDraws, means_under, replicates
+from overtrain.analysis.replicates import Replicates, SeedDraws, means_under, replicates
 from overtrain.analysis.significance import ONE_SIDED
 from overtrain.analysis.verdicts import (DOES_NOT_HOLD, HOLDS, NOT_TESTABLE, VERDICT_BOOT, Claim, family,
                                          moves_earlier, not_testable, passing, reasons, u_row, u_verdict)
@@ -59,7 +59,7 @@ def check_claims(results: pd.DataFrame, n_boot: int = curves.N_BOOT, seed: int =
     final = tables.finetune_final(results)  # read by several claims: made once
     perturbation = perturbation_u(results, located_boot, seed)
     fixed_lr = finetune_u(results, located_boot, seed, final)
-    return [progressive_sensitivity(results), perturbation, fixed_lr, lr_moves_turn(fixed_lr),
+    return [progressive_sensitivity(results), perturbation, fixed_lr, lr_moves_turn(results, fixed_lr, verdict_boot, seed, final),
             *tuned_claims.tuned_lr_claims(results, located_boot, seed, final),
             decay_forgets_more(results, final, fixed_lr), decay_sharper(results), tuned_claims.matched_loss(results),
             gamma_scaling(results, perturbation, verdict_boot, seed),
@@ -204,42 +204,59 @@ def finetune_u(results: pd.DataFrame, n_boot: int, seed: int, final: pd.DataFram
     return u_verdict("finetune_u", title, family(rows), lambda r: f"{r.task} at LR {r.lr:g} ({r.schedule})", "finetune_u")
 
 
-def lr_moves_turn(fixed_lr: Claim) -> Claim:
+def lr_moves_turn(results: pd.DataFrame, fixed_lr: Claim, n_boot: int, seed: int,
+                  final: pd.DataFrame | None = None) -> Claim:
     """In a (schedule, task) whose fixed-LR curves show a U after Holm (claim finetune_u), the lowest
-    budget never moves later and ends earlier as the LR grows."""
+    budget is earlier at the largest LR than at the smallest: one paired test, the 95% interval of
+    the shift (the same seed resamples for both curves) below zero."""
     title = "Fixed LR: a larger fine-tuning LR moves the turn to fewer tokens"
     label = "shift of the lowest budget from the smallest to the largest LR (decades of tokens)"
     table = _table(fixed_lr, "finetune_u")
     if table is None or not (table["untestable"] == "").any():
         return not_testable("lr_moves_turn", title, label, fixed_lr.reason)
+    ood = tables.final_points(results, "ood_bpb", final)
     rows = []
     for (schedule, task), group in table[table["untestable"] == ""].groupby(["schedule", "task"]):
         by_lr = group.sort_values("lr")
         if len(by_lr) < 2:
             continue
-        small, large = by_lr.iloc[0], by_lr.iloc[-1]
-        row = {"schedule": schedule, "task": task, "lrs": len(by_lr), "u_after_holm": bool(by_lr["passes"].any()),
-               "moves_earlier": moves_earlier(by_lr, "lr"), "p_holm": by_lr["p_holm"].min(),
-               "lowest": " -> ".join(short_tokens(t) for t in by_lr["lowest_tokens"]),
-               "shift": np.log10(large["lowest_tokens"] / small["lowest_tokens"])}
-        if "lowest_ci_low" in by_lr:  # the widest shift the two location intervals allow
-            row |= {"shift_low": np.log10(large["lowest_ci_low"] / small["lowest_ci_high"]),
-                    "shift_high": np.log10(large["lowest_ci_high"] / small["lowest_ci_low"])}
-        rows.append(row)
+        points = ood[(ood["schedule"] == schedule) & (ood["task"] == task)]
+        ends = [points[points["lr"] == by_lr["lr"].iloc[i]] for i in (0, -1)]
+        shift, low, high = _paired_shift([replicates(end, like=points) for end in ends], n_boot, seed)
+        rows.append({"schedule": schedule, "task": task, "lrs": len(by_lr), "u_after_holm": bool(by_lr["passes"].any()),
+                     "p_holm": by_lr["p_holm"].min(),
+                     "lowest": " -> ".join(short_tokens(t) for t in by_lr["lowest_tokens"]),
+                     "shift": shift, "shift_low": low, "shift_high": high})
     if not rows:
         return not_testable("lr_moves_turn", title, label, "one testable LR per (schedule, task): nothing to move")
     summary = pd.DataFrame(rows)
-    summary["holds"] = summary["u_after_holm"] & summary["moves_earlier"]
-    best = summary.sort_values(["holds", "p_holm"], ascending=[False, True]).iloc[0]
-    describe = "; ".join(f"{r.task} ({r.schedule}): {r.lowest}" + ("" if r.u_after_holm else " (no U after Holm)")
-                         + (" (moves earlier)" if r.moves_earlier else " (does not move earlier)")
-                         for r in summary.itertuples())
-    reason = (f"in {int(summary['holds'].sum())} of {len(summary)} (schedule, task) the lowest budget moves earlier as "
-              f"the LR grows, with a U after Holm; {best['task']} ({best['schedule']}): {best['lowest']}")
+    summary["holds"] = summary["u_after_holm"] & (summary["shift_high"] < 0)
+    best = summary.sort_values(["holds", "shift_high"], ascending=[False, True]).iloc[0]
+    describe = "; ".join(f"{r.task} ({r.schedule}): {r.lowest}, shift {sig(r.shift, plus=True)} "
+                         f"[{sig(r.shift_low)}, {sig(r.shift_high)}] decades"
+                         + ("" if r.u_after_holm else " (no U after Holm)") for r in summary.itertuples())
+    reason = (f"in {int(summary['holds'].sum())} of {len(summary)} (schedule, task) the lowest budget is earlier at the "
+              f"largest LR than at the smallest (95% interval of the paired shift below 0), with a U after Holm; "
+              f"{best['task']} ({best['schedule']}): {best['lowest']}")
     return Claim("lr_moves_turn", title, HOLDS if summary["holds"].any() else DOES_NOT_HOLD, reason, label,
-                 best["shift"], best.get("shift_low", np.nan), best.get("shift_high", np.nan),
+                 best["shift"], best["shift_low"], best["shift_high"],
                  f"Lowest budget of pre-training-text bpb after fine-tuning, by LR from the smallest: {describe}.",
                  [("lr_moves_turn", summary)])
+
+
+def _paired_shift(ends: list[Replicates], n_boot: int, seed: int) -> tuple[float, float, float]:
+    """log10 of the lowest budget (refined between its neighbours) at the second curve minus at the
+    first, and its 95% interval over hierarchical seed resamples drawn once for both curves."""
+    values = np.stack([end.values for end in ends])                         # (2, P, S, B)
+    log_tokens = np.log10(ends[0].tokens)
+    n_pretrain, n_seed = values.shape[1], values.shape[2]
+    point = curves.lowest_vertex(log_tokens, means_under(values, SeedDraws.identity(n_pretrain, n_seed)))[0]
+    draws = SeedDraws.hierarchical(n_pretrain, n_seed, n_boot, np.random.default_rng(seed))
+    resampled = curves.lowest_vertex(log_tokens, means_under(values, draws))  # (n, 2)
+    shifts = resampled[:, 1] - resampled[:, 0]
+    tail = 100 * (1 - curves.LEVEL) / 2
+    low, high = np.nanpercentile(shifts, [tail, 100 - tail])
+    return float(point[1] - point[0]), float(low), float(high)
 
 
 # -- decayed vs constant LR ------------------------------------------------------------------
