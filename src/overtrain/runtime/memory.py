@@ -17,7 +17,17 @@ GIB = 2**30
 
 
 def peak_resident_gib() -> float:
-    """The largest resident set this process has had so far, in GiB."""
+    """The largest resident set this process has had so far (since `reset_peak_resident`), in GiB.
+
+    On Linux VmHWM, the figure the reset starts over: getrusage's maximum also keeps the peak
+    of threads that have exited (e.g. a compiler's), which no reset clears."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024 / GIB  # kB
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / GIB if sys.platform == "darwin" else peak * 1024 / GIB  # bytes on macOS, KiB elsewhere
 
