@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 from overtrain.cli import app
 from overtrain.models.build import build_model
 from overtrain.models.checkpoints import save_checkpoint
+from overtrain.runtime import faults
 from overtrain.spec import ModelSize, parse_spec
 from overtrain.study.folder import RunFolder
 from overtrain.study.store import study_status
