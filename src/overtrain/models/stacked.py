@@ -132,7 +132,6 @@ class StackedLlama:
         self.grads = torch.zeros_like(self.weights)
         self.rotary = LlamaRotaryEmbedding(config).to(self.device)
         self.compile = compile
-        self._bind()
 
     # -- members in and out -------------------------------------------------------
 
@@ -171,8 +170,8 @@ class StackedLlama:
         return self.weights.shape[0]
 
     def row_blocks(self) -> list[slice]:
-        """The members an update of `weights` or `grads` handles at once: all of them on CUDA,
-        one at a time on a CPU (as `pass_shape`), where a row's arithmetic then does not depend
+        """The members a forward pass or an update of `weights` or `grads` handles at once: all of
+        them on CUDA, one at a time on a CPU (`pass_shape`), where a row's arithmetic then does not depend
         on the other rows whatever the number of threads (a multi-threaded element-wise loop
         splits its range where it likes, and a row cut there rounds differently)."""
         at_once = pass_shape(self.device, self.members, 1, 1)[0]
@@ -190,10 +189,6 @@ class StackedLlama:
         rows = torch.as_tensor(rows, device=self.device, dtype=torch.long)
         self.weights = self.weights.index_select(0, rows)
         self.grads = self.grads.index_select(0, rows)
-        self._bind()
-
-    def _bind(self) -> None:
-        self.params = self.member_params(0, self.members)
 
     def member_params(self, first: int, last: int) -> dict[str, torch.Tensor]:
         """The forward pass's tensors of members first..last-1, each a leaf view of `weights`
@@ -232,9 +227,8 @@ class StackedLlama:
         cos, sin = self.rotary(self.weights, torch.arange(padded, device=self.device).unsqueeze(0))
         forward = _compiled_token_losses() if self.compile else _token_losses
         config = self.config
-        at_once, per_pass = pass_shape(self.device, members, sequences, padded)
-        for first in range(0, members, at_once):
-            rows = slice(first, min(first + at_once, members))
+        _, per_pass = pass_shape(self.device, members, sequences, padded)
+        for rows in self.row_blocks():
             params = self.member_params(rows.start, rows.stop)
             for start in range(0, sequences, per_pass):
                 part = slice(start, min(start + per_pass, sequences))

@@ -68,12 +68,18 @@ def gaussian_sensitivity(
     unperturbed model. `evaluate` maps the model to metrics such as loss_nats and bpb.
     """
     base = evaluate(model)
-    rows = [{"gamma": 0.0, "seed": -1, **base, **{f"delta_{k}": 0.0 for k in base}}]
     perturber = InPlacePerturber(model, stds)
+    measured = []
     for gamma in gammas:
         for seed in seeds:
             with perturber.perturbed(gamma, seed):
-                metrics = evaluate(model)
-            rows.append({"gamma": gamma, "seed": seed, **metrics,
-                         **{f"delta_{k}": metrics[k] - base[k] for k in base}})
-    return rows
+                measured.append(((gamma, seed), evaluate(model)))
+    return sensitivity_entries(base, measured)
+
+
+def sensitivity_entries(base: dict[str, float], measured: list[tuple[tuple[float, int], dict[str, float]]]) -> list[dict]:
+    """Tidy rows {gamma, seed, <metric>, delta_<metric>} of the unperturbed model's metrics (gamma 0,
+    seed -1) and of each ((gamma, seed), metrics) drawn."""
+    return [{"gamma": 0.0, "seed": -1, **base, **{f"delta_{k}": 0.0 for k in base}}] + [
+        {"gamma": gamma, "seed": seed, **metrics, **{f"delta_{k}": metrics[k] - base[k] for k in base}}
+        for (gamma, seed), metrics in measured]

@@ -25,7 +25,7 @@ from overtrain.probes.harness import is_lm_eval, lm_eval_scores
 from overtrain.probes.hessian import hessian_eigenvalues, hessian_trace
 from overtrain.probes.loss import heldout_metrics, stacked_heldout_metrics
 from overtrain.probes.objective import Batch, Objective, causal_lm_objective
-from overtrain.probes.perturb import InPlacePerturber, gaussian_sensitivity
+from overtrain.probes.perturb import InPlacePerturber, gaussian_sensitivity, sensitivity_entries
 from overtrain.probes.residue import docstring_rate
 from overtrain.probes.scoring import evaluate_mc, task_accuracy
 from overtrain.probes.sharpness import critical_sharpness, kl_sharpness
@@ -87,9 +87,7 @@ def stacked_sensitivity(model: torch.nn.Module, gammas: Sequence[float], seeds: 
                 stack.load_member(row, perturber.perturbed_copies(*draw))
         found += stacked_heldout_metrics(stack, list(text), byte_lengths)
     base, *perturbed = found
-    return [{"gamma": 0.0, "seed": -1, **base, **{f"delta_{k}": 0.0 for k in base}}] + [
-        {"gamma": gamma, "seed": seed, **metrics, **{f"delta_{k}": metrics[k] - base[k] for k in base}}
-        for (gamma, seed), metrics in zip(draws, perturbed)]
+    return sensitivity_entries(base, list(zip(draws, perturbed)))
 
 
 def _sensitivity_entry_rows(entries: list[dict]) -> list[dict]:
