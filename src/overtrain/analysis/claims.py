@@ -162,9 +162,7 @@ def gamma_scaling(results: pd.DataFrame, perturbation: Claim, n_boot: int, seed:
     exponent = float(_pooled_slope(log_gamma, minima, schedules)[0])
     rng = np.random.default_rng(seed)
     resampled = means_under(values, SeedDraws.hierarchical(n_pretrain, n_seed, n_boot, rng))                 # (n, K, B)
-    lowest = np.argmin(np.where(np.isfinite(resampled), resampled, np.inf), axis=-1)
-    before, after = log_tokens[np.maximum(lowest - 1, 0)], log_tokens[np.minimum(lowest + 1, len(log_tokens) - 1)]
-    low, high = np.percentile(_pooled_slope(log_gamma, before + rng.random(lowest.shape) * (after - before), schedules),
+    low, high = np.percentile(_pooled_slope(log_gamma, _lowest_in_bracket(log_tokens, resampled, rng), schedules),
                               [100 * (1 - curves.LEVEL) / 2, 100 * (1 + curves.LEVEL) / 2])
     fits, below_zero = low <= GAMMA_EXPONENT_THEORY <= high, high < 0
     where = "; ".join(f"{s} gamma {g:g}: {short_tokens(10 ** m)}" for s, g, m in zip(schedules, located["gamma"], minima[0]))
@@ -178,6 +176,15 @@ def gamma_scaling(results: pd.DataFrame, perturbation: Claim, n_boot: int, seed:
     reason = numbers + (": consistent with it, and below 0" if fits else ": the interval excludes it")
     return Claim("gamma_scaling", title, HOLDS if fits else DOES_NOT_HOLD, reason, label, exponent, low, high, finding,
                  [("gamma_minima", located)])
+
+
+def _lowest_in_bracket(log_tokens: np.ndarray, resampled: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Each resampled curve's (..., B) lowest point as a position drawn uniformly between the budgets
+    around it (log10 tokens): the minimum lies somewhere between them, so an interval over resamples
+    includes the budgets' spacing (STATISTICS 5)."""
+    lowest = np.argmin(np.where(np.isfinite(resampled), resampled, np.inf), axis=-1)
+    before, after = log_tokens[np.maximum(lowest - 1, 0)], log_tokens[np.minimum(lowest + 1, len(log_tokens) - 1)]
+    return before + rng.random(lowest.shape) * (after - before)
 
 
 def _pooled_slope(x: np.ndarray, y: np.ndarray, groups: np.ndarray) -> np.ndarray:
@@ -246,14 +253,16 @@ def lr_moves_turn(results: pd.DataFrame, fixed_lr: Claim, n_boot: int, seed: int
 
 def _paired_shift(ends: list[Replicates], n_boot: int, seed: int) -> tuple[float, float, float]:
     """log10 of the lowest budget (refined between its neighbours) at the second curve minus at the
-    first, and its 95% interval over hierarchical seed resamples drawn once for both curves."""
+    first, and its 95% interval over hierarchical seed resamples drawn once for both curves, each
+    resample's lowest budgets placed in their brackets (`_lowest_in_bracket`)."""
     values = np.stack([end.values for end in ends])                         # (2, P, S, B)
     log_tokens = np.log10(ends[0].tokens)
     n_pretrain, n_seed = values.shape[1], values.shape[2]
     point = curves.lowest_vertex(log_tokens, means_under(values, SeedDraws.identity(n_pretrain, n_seed)))[0]
-    draws = SeedDraws.hierarchical(n_pretrain, n_seed, n_boot, np.random.default_rng(seed))
-    resampled = curves.lowest_vertex(log_tokens, means_under(values, draws))  # (n, 2)
-    shifts = resampled[:, 1] - resampled[:, 0]
+    rng = np.random.default_rng(seed)
+    lowest = _lowest_in_bracket(log_tokens, means_under(values, SeedDraws.hierarchical(n_pretrain, n_seed, n_boot, rng)),
+                                rng)                                          # (n, 2)
+    shifts = lowest[:, 1] - lowest[:, 0]
     tail = 100 * (1 - curves.LEVEL) / 2
     low, high = np.nanpercentile(shifts, [tail, 100 - tail])
     return float(point[1] - point[0]), float(low), float(high)
