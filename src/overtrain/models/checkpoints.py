@@ -27,8 +27,9 @@ OPTIMIZER = "optimizer.pt"
 
 
 def save_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: Path, manifest: dict,
-                    optimizer: torch.optim.Optimizer | None = None) -> dict:
-    """Write the checkpoint and return its manifest (with `weights_sha256` filled in)."""
+                    optimizer_state: dict | None = None) -> dict:
+    """Write the checkpoint and return its manifest (with `weights_sha256` filled in);
+    `optimizer_state`: `torch.optim.AdamW`'s state dict, to resume or branch from."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     manifest = {**manifest, "weights_sha256": weights_sha256(model)}
@@ -36,8 +37,8 @@ def save_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        if optimizer is not None:
-            torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
+        if optimizer_state is not None:
+            torch.save(optimizer_state, tmp / OPTIMIZER)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
         if folder.exists():  # an earlier, interrupted attempt at the same checkpoint
             shutil.rmtree(folder)

@@ -27,8 +27,8 @@ from overtrain.probes.suite import capability_metrics, finetune_metrics, probe_r
 from overtrain.runtime.hashing import weights_sha256
 from overtrain.spec import ModelSize
 from overtrain.study.folder import RunFolder
-from overtrain.study.plan import SERIES, Cell
-from overtrain.train.ensemble import train_ensemble
+from overtrain.study.plan import SERIES, Cell, CheckpointRef
+from overtrain.train.ensemble import EnsembleAdamW, train_ensemble
 from overtrain.train.loop import TrainConfig, TrainResult, make_optimizer, train
 from overtrain.train.mitigations import interpolated, with_lora, with_replay
 from overtrain.train.schedules import Schedule
@@ -81,37 +81,68 @@ def _tokenized_task(name: str, seed: int, seq_len: int, eval_examples: int, accu
 
 def run_pretrain(cell: Cell, key: str, ctx: StudyContext) -> list[dict]:
     cfg = cell.config
-    per_step = cfg["batch_size"] * cfg["seq_len"]
-    total_steps = cfg["total_tokens"] // per_step
-    warmup = cfg["warmup_tokens"] // per_step
+    per_step, train_config = _pretrain_training(cfg)
     tokenizer = ctx.corpus.tokenizer
-    model = build_model(ModelSize(**cfg["model"]), len(tokenizer), cfg["seed"], bos_token_id=tokenizer.eos_token_id,
-                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id).to(ctx.device)
-    train_config = TrainConfig(steps=total_steps, weight_decay=cfg["weight_decay"], grad_clip=cfg["grad_clip"],
-                               compile=cfg["compile"], schedule=_pretrain_schedule(cfg, total_steps, warmup),
-                               sam_rho=cfg["sam_rho"], sam_start_step=total_steps - round(cfg["sam_last_fraction"] * total_steps))
+    model = _initial_model(cfg, tokenizer, ctx.device)
     optimizer = make_optimizer(model, train_config)
-    start_step = _resume_point(cell, key, ctx, model, optimizer, per_step)
-    save_steps = {ref.tokens // per_step: ref for ref in cell.writes}
+    start_step = 0
+    source = _resume_sources([(key, cell)], ctx)
+    if source is not None:
+        start_step = _load_checkpoint_into(model, source[0])
+        optimizer.load_state_dict(load_optimizer_state(source[0]))
+    save_steps = _save_steps(cell, per_step)
 
     def save(steps_done: int, lr: float) -> None:
-        ref = save_steps.get(steps_done)
-        if ref is None:
-            return
-        save_checkpoint(model, tokenizer, ctx.folder.checkpoint(ref.name), {
-            "cell": key, "schedule": ref.schedule, "decayed": ref.decayed, "tokens": steps_done * per_step,
-            "step": steps_done, "lr_at_save": lr, "peak_lr": cfg["peak_lr"], "parameters": parameter_count(model),
-        }, optimizer=optimizer)
+        if steps_done in save_steps:
+            _save_pretrained(model, optimizer.state_dict(), save_steps[steps_done], steps_done, key, cfg, lr, ctx)
 
     result = train(model, ctx.corpus.train_batches(cfg["batch_size"], cfg["seq_len"], cfg["seed"], start_step),
                    train_config, optimizer=optimizer, start_step=start_step, on_step_end=save, description=cell.label)
-    rows = [{"metric": "train_loss_nats", "value": result.last_loss},
-            {"metric": "tokens_per_second", "value": result.tokens_per_second},
-            {"metric": "parameters", "value": parameter_count(model)}]
-    if result.diverged:
-        rows.append({"metric": "diverged_at_step", "value": result.diverged_at_step})
-    context = {"schedule": cfg["schedule"], "tokens": cfg["total_tokens"], "pretrain_seed": cfg["seed"]}
-    return [{**context, **row} for row in rows]
+    return _pretrain_rows(cfg, result, parameter_count(model))
+
+
+def run_pretrain_ensemble(members: list[tuple[str, Cell]], ctx: StudyContext) -> dict[str, list[dict]]:
+    """Pre-training runs that differ only in their seed (study/ensembles.py) trained as one
+    ensemble: each member's checkpoints (with its AdamW state in `torch.optim`'s format) and
+    rows are those it writes alone, so that a run resumes or branches from them either way."""
+    configs = [cell.config for _, cell in members]
+    per_step, train_config = _pretrain_training(configs[0])
+    tokenizer = ctx.corpus.tokenizer
+    models = [_initial_model(cfg, tokenizer, ctx.device) for cfg in configs]
+    stack = StackedLlama.from_models(models, compile=configs[0]["compile"])
+    optimizer = EnsembleAdamW(stack, [train_config.weight_decay] * len(members), (train_config.beta1, train_config.beta2))
+    start_step = 0
+    sources = _resume_sources(members, ctx)
+    for row, source in enumerate(sources or []):
+        start_step = _load_checkpoint_into(models[row], source)
+        stack.load_member(row, dict(models[row].named_parameters()))
+        optimizer.load_member_state(row, load_optimizer_state(source))
+    save_steps = [_save_steps(cell, per_step) for _, cell in members]
+
+    def save(steps_done: int, alive: list[int]) -> None:
+        for row, member in enumerate(alive):
+            if steps_done in save_steps[member]:
+                model = stack.member_model(row)
+                state = optimizer.member_state_dict(row, make_optimizer(model, train_config))
+                _save_pretrained(model, state, save_steps[member][steps_done], steps_done, members[member][0],
+                                 configs[member], train_config.schedule(steps_done - 1), ctx)
+
+    data = [ctx.corpus.train_batches(cfg["batch_size"], cfg["seq_len"], cfg["seed"], start_step) for cfg in configs]
+    results = train_ensemble(stack, [train_config] * len(members), data, optimizer=optimizer, start_step=start_step,
+                             on_step_end=save, description=f"{len(members)} pre-training runs: {members[0][1].label}")
+    return {key: _pretrain_rows(cfg, result, parameter_count(models[0]))
+            for (key, _), cfg, result in zip(members, configs, results)}
+
+
+def _pretrain_training(cfg: dict) -> tuple[int, TrainConfig]:
+    """Tokens a step and the training settings of a pre-training cell."""
+    per_step = cfg["batch_size"] * cfg["seq_len"]
+    total_steps = cfg["total_tokens"] // per_step
+    warmup = cfg["warmup_tokens"] // per_step
+    return per_step, TrainConfig(
+        steps=total_steps, weight_decay=cfg["weight_decay"], grad_clip=cfg["grad_clip"], compile=cfg["compile"],
+        schedule=_pretrain_schedule(cfg, total_steps, warmup), sam_rho=cfg["sam_rho"],
+        sam_start_step=total_steps - round(cfg["sam_last_fraction"] * total_steps))
 
 
 def _pretrain_schedule(cfg: dict, total_steps: int, warmup: int) -> Schedule:
@@ -122,19 +153,54 @@ def _pretrain_schedule(cfg: dict, total_steps: int, warmup: int) -> Schedule:
     return Schedule(kind, peak, total_steps, warmup)
 
 
-def _resume_point(cell: Cell, key: str, ctx: StudyContext, model, optimizer, per_step: int) -> int:
-    """Step to start from: a wsd branch leaves its stable checkpoint; any run continues
-    from its own latest checkpoint written by this same cell (same key)."""
-    own = [ctx.folder.checkpoint(ref.name) for ref in cell.writes]
-    finished = [f for f in own if (f / MANIFEST).exists() and read_manifest(f).get("cell") == key]
-    source = max(finished, key=lambda f: read_manifest(f)["step"], default=None)
-    if source is None and cell.reads:
-        source = ctx.folder.checkpoint(cell.reads)
-    if source is None:
-        return 0
+def _initial_model(cfg: dict, tokenizer, device: torch.device):
+    return build_model(ModelSize(**cfg["model"]), len(tokenizer), cfg["seed"], bos_token_id=tokenizer.eos_token_id,
+                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id).to(device)
+
+
+def _save_steps(cell: Cell, per_step: int) -> dict[int, CheckpointRef]:
+    return {ref.tokens // per_step: ref for ref in cell.writes}
+
+
+def _save_pretrained(model, optimizer_state: dict, ref: CheckpointRef, steps_done: int, key: str, cfg: dict,
+                     lr: float, ctx: StudyContext) -> None:
+    save_checkpoint(model, ctx.corpus.tokenizer, ctx.folder.checkpoint(ref.name), {
+        "cell": key, "schedule": ref.schedule, "decayed": ref.decayed, "tokens": steps_done * cfg["batch_size"] * cfg["seq_len"],
+        "step": steps_done, "lr_at_save": lr, "peak_lr": cfg["peak_lr"], "parameters": parameter_count(model),
+    }, optimizer_state=optimizer_state)
+
+
+def _pretrain_rows(cfg: dict, result: TrainResult, parameters: int) -> list[dict]:
+    rows = [{"metric": "train_loss_nats", "value": result.last_loss},
+            {"metric": "tokens_per_second", "value": result.tokens_per_second},
+            {"metric": "parameters", "value": parameters}]
+    if result.diverged:
+        rows.append({"metric": "diverged_at_step", "value": result.diverged_at_step})
+    context = {"schedule": cfg["schedule"], "tokens": cfg["total_tokens"], "pretrain_seed": cfg["seed"]}
+    return [{**context, **row} for row in rows]
+
+
+def _resume_sources(members: list[tuple[str, Cell]], ctx: StudyContext) -> list[Path] | None:
+    """The checkpoint each run continues from (None: from scratch): its own latest one written by
+    this same cell (same key), at a step that every member reached (members save in step, so one
+    killed mid-save goes back to the step before), else the stable checkpoint a wsd branch leaves."""
+    reached = []
+    for key, cell in members:
+        own = [ctx.folder.checkpoint(ref.name) for ref in cell.writes]
+        finished = [f for f in own if (f / MANIFEST).exists() and read_manifest(f).get("cell") == key]
+        reached.append({read_manifest(f)["step"]: f for f in finished})
+    common = set.intersection(*(set(steps) for steps in reached))
+    if common:
+        return [steps[max(common)] for steps in reached]
+    if members[0][1].reads:
+        return [ctx.folder.checkpoint(cell.reads) for _, cell in members]
+    return None
+
+
+def _load_checkpoint_into(model, source: Path) -> int:
+    """Copy a checkpoint's weights into `model`; the step it was saved at."""
     loaded, _ = load_checkpoint(source)
     model.load_state_dict(loaded.state_dict())
-    optimizer.load_state_dict(load_optimizer_state(source))
     return read_manifest(source)["step"]
 
 
@@ -294,7 +360,7 @@ def _finetune_batches(task: TokenizedTask, cfg: dict, ctx: StudyContext, replay:
 
 
 RUNNERS = {"pretrain": run_pretrain, "import": run_import, "probe": run_probe, "finetune": run_finetune}
-ENSEMBLE_RUNNERS = {"finetune": run_finetune_ensemble}
+ENSEMBLE_RUNNERS = {"pretrain": run_pretrain_ensemble, "finetune": run_finetune_ensemble}
 
 
 def is_diverged(rows: list[dict]) -> bool:

@@ -2,8 +2,9 @@
 
 Fine-tunes of one checkpoint that differ only in what an ensemble lets members differ
 in (learning rate, seed, task of the same sequence length, weight decay, warmup) are
-one computation with K members. A cell with a mitigation, a WiSE interpolation or the
-along-update probe trains alone. Ensembles are an implementation detail: each member
+one computation with K members; so are pre-training runs that differ only in their seed.
+A fine-tune with a mitigation, a WiSE interpolation or the along-update probe, and
+pre-training with SAM, train alone. Ensembles are an implementation detail: each member
 keeps its own key and rows, exactly as if it had run alone, so the store, resume and
 analysis do not see them; a killed ensemble job reruns whole.
 """
@@ -17,9 +18,10 @@ import torch
 
 from overtrain.study.plan import Cell
 
-# Config keys in which members of one ensemble may differ; every other key must match
-# (the task's split seed too: a job holds one tokenized split per task name).
-MEMBER_KEYS = frozenset({"lr", "seed", "task", "weight_decay", "warmup_steps"})
+# Config keys in which members of one ensemble may differ, by kind of cell; every other key
+# must match (a fine-tune's task split seed too: a job holds one tokenized split per task name).
+MEMBER_KEYS = {"finetune": frozenset({"lr", "seed", "task", "weight_decay", "warmup_steps"}),
+               "pretrain": frozenset({"seed"})}
 
 # Members per job when the user does not say. On a GPU one tiny model leaves the device
 # idle and K members fill it. On a CPU a job computes its members one after another
@@ -38,9 +40,18 @@ def default_members(device: str) -> int:
 def signature(cell: Cell) -> str | None:
     """What cells must share to train as one ensemble; None for a cell that trains alone."""
     cfg = cell.config
-    if cell.kind != "finetune" or cfg["mitigation"] or cfg["wise"] or cfg["along_update"]:
+    alone = {"finetune": lambda: cfg["mitigation"] or cfg["wise"] or cfg["along_update"],
+             "pretrain": lambda: cfg["sam_rho"] > 0}
+    if cell.kind not in alone or alone[cell.kind]():
         return None
-    return json.dumps({k: v for k, v in cfg.items() if k not in MEMBER_KEYS}, sort_keys=True, default=str)
+    shared = {k: v for k, v in cfg.items() if k not in MEMBER_KEYS[cell.kind]}
+    return json.dumps({"kind": cell.kind, **shared}, sort_keys=True, default=str)
+
+
+def trains_as_ensemble(job: list[Cell], max_members: int) -> bool:
+    """Whether a job goes through the ensemble path (also with one member: the stacked model's
+    compiled step is faster than a model's own) or runs its one cell as `study/cells.py` does."""
+    return max_members > 1 and signature(job[0]) is not None
 
 
 def group_jobs(ready: list[Cell], slots: int, max_members: int) -> list[list[Cell]]:

@@ -79,6 +79,7 @@ def run_job(job: CellJob, capture_fds: bool = True) -> list[CellOutcome]:
     torch.set_num_threads(job.threads)
     started = time.perf_counter()
     folder = RunFolder(job.run_dir)
+    folder.log(job.key).parent.mkdir(parents=True, exist_ok=True)
     for key, cell in job.members[1:]:  # the other members' logs say where theirs is
         with open(folder.log(key), "a") as log:
             print(f"== {cell.label} | key {key} | trained in one ensemble, logged in {folder.log(job.key)}", file=log)

@@ -29,7 +29,7 @@ from overtrain.errors import StudyStopped
 from overtrain.models.checkpoints import MANIFEST, read_manifest
 from overtrain.spec import StudySpec
 from overtrain.study.cells import is_diverged
-from overtrain.study.ensembles import default_members, group_jobs
+from overtrain.study.ensembles import default_members, group_jobs, trains_as_ensemble
 from overtrain.study.execute import CellJob, CellOutcome, make_executor
 from overtrain.study.folder import RunFolder, claimed_run_folder
 from overtrain.study.plan import Cell, cell_key
@@ -133,7 +133,8 @@ class _StudyRun:
                 self.progress.started(key, cell)
             self.jobs[keys[0]] = set(keys)
             self.executor.submit(CellJob(keys[0], job[0], self.folder.path, self.corpus_folder, self.spec.device,
-                                         self.executor.threads, tuple(zip(keys, job)) if len(job) > 1 else ()))
+                                         self.executor.threads,
+                                         tuple(zip(keys, job)) if trains_as_ensemble(job, self.max_members) else ()))
         return sorted(still, key=_priority)
 
     def _recorded(self, cell: Cell) -> bool:

@@ -19,7 +19,8 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from overtrain.models.stacked import IGNORE, LAYOUT_WARNING, StackedLlama
+from overtrain.errors import CheckpointError
+from overtrain.models.stacked import IGNORE, LAYOUT_WARNING, Slot, StackedLlama
 from overtrain.runtime.device import autocast
 from overtrain.train.loop import TrainConfig, TrainResult
 
@@ -55,18 +56,60 @@ class EnsembleAdamW:
     def keep(self, rows: torch.Tensor) -> None:
         self.exp_avg, self.exp_avg_sq, self.decay = (t.index_select(0, rows) for t in (self.exp_avg, self.exp_avg_sq, self.decay))
 
+    # -- a member's state as torch.optim.AdamW's, so that a checkpoint resumes either way ----
+
+    def member_state_dict(self, row: int, optimizer: torch.optim.AdamW) -> dict:
+        """Row `row`'s moments and step as the state dict of `optimizer`, an AdamW of the member's
+        HF model made by `loop.make_optimizer` (its param groups, with these moments in them)."""
+        state = optimizer.state_dict()
+        order = self._torch_order()
+        listed = sorted(i for group in state["param_groups"] for i in group["params"])
+        if listed != list(range(len(order))):
+            raise ValueError(f"the optimizer has {len(listed)} parameters, a member {len(order)}")
+        step = torch.tensor(float(self.steps), dtype=torch.float32)
+        state["state"] = {i: {"step": step.clone(),
+                              "exp_avg": self.exp_avg[row, slot.start:slot.end].reshape(slot.shape).cpu().clone(),
+                              "exp_avg_sq": self.exp_avg_sq[row, slot.start:slot.end].reshape(slot.shape).cpu().clone()}
+                          for i, slot in enumerate(order)}
+        return state
+
+    def load_member_state(self, row: int, state: dict) -> None:
+        """Set row `row`'s moments and the step count from `torch.optim.AdamW`'s state dict of an
+        HF model whose optimizer `loop.make_optimizer` made (e.g. a pre-training checkpoint's)."""
+        order = self._torch_order()
+        entries = state["state"]
+        if sorted(entries) != list(range(len(order))):
+            raise CheckpointError(f"optimizer state has {len(entries)} parameters' moments, a member {len(order)}")
+        with torch.no_grad():
+            for i, slot in enumerate(order):
+                for moments, name in ((self.exp_avg, "exp_avg"), (self.exp_avg_sq, "exp_avg_sq")):
+                    moments[row, slot.start:slot.end] = entries[i][name].reshape(-1).to(moments)
+        steps = {int(entry["step"]) for entry in entries.values()}
+        if len(steps) != 1:
+            raise CheckpointError(f"optimizer state: parameters at different steps {sorted(steps)}")
+        self.steps = steps.pop()
+
+    def _torch_order(self) -> list[Slot]:
+        """The parameters in the order of `make_optimizer`'s groups: matrices, then vectors (each in
+        `named_parameters()` order, which is the slots')."""
+        slots = self.stack.slots
+        return [s for s in slots if len(s.shape) >= 2] + [s for s in slots if len(s.shape) < 2]
+
 
 def train_ensemble(
     stack: StackedLlama,
     configs: Sequence[TrainConfig],
     batches: Sequence[Iterator[Batch]],
     *,
+    optimizer: EnsembleAdamW | None = None,
+    start_step: int = 0,
     evaluate: Callable[[StackedLlama, list[int]], list[dict[str, float]]] | None = None,
     evaluate_every: int = 0,
     on_step_end: Callable[[int, list[int]], None] | None = None,
     description: str = "ensemble",
 ) -> list[TrainResult]:
-    """Train member i of `stack` with `configs[i]` on `batches[i]`; one TrainResult per member.
+    """Train member i of `stack` with `configs[i]` on `batches[i]`, steps `start_step .. steps-1`;
+    one TrainResult per member. `optimizer`: one holding the members' AdamW state (resuming), else a new one.
 
     `evaluate(stack, members)` returns metrics for each row of the stack (whose member
     ids are `members`), every `evaluate_every` steps and at the end. `on_step_end(steps_done,
@@ -75,13 +118,13 @@ def train_ensemble(
     """
     _check_alike(configs)
     steps = configs[0].steps
-    results = [TrainResult() for _ in configs]
+    results = [TrainResult(steps_done=start_step) for _ in configs]
     alive = list(range(len(configs)))
-    optimizer = EnsembleAdamW(stack, [c.weight_decay for c in configs], (configs[0].beta1, configs[0].beta2))
+    optimizer = optimizer or EnsembleAdamW(stack, [c.weight_decay for c in configs], (configs[0].beta1, configs[0].beta2))
     clips = torch.tensor([c.grad_clip for c in configs], device=stack.device)
     stack.grads.zero_()
     started = time.perf_counter()
-    bar = tqdm(range(steps), desc=description, leave=False, mininterval=2.0)
+    bar = tqdm(range(start_step, steps), desc=description, leave=False, mininterval=2.0)
     for step in bar:
         drawn = [next(batches[m]) for m in alive]
         input_ids, labels = stacked_batch(drawn, stack.device)
