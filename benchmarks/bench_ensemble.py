@@ -17,6 +17,9 @@
 5. Sensitivity draws (examples/paper.yaml's 4 gammas x 3 seeds on 32,768 held-out tokens):
    evaluated one by one (`gaussian_sensitivity` with `heldout_metrics`) against stacked as
    one ensemble (`stacked_sensitivity`), one thread.
+6. Pre-training steps of examples/paper.yaml (32 x 128 tokens), one thread: `train` with
+   the HF model compiled, as a pre-training cell alone runs, against ensembles of 1 and 2
+   seeds, as the engine now runs them.
 
     python benchmarks/bench_ensemble.py [--steps 100] [--out /tmp/bench_ensemble]
 """
@@ -181,6 +184,31 @@ def sensitivity_speeds() -> dict[str, float]:
     return speeds
 
 
+def pretraining_speeds(steps: int) -> dict[str, float]:
+    """Tokens/s of pre-training steps (32 x 128), one thread, compiled graphs warm."""
+    torch.set_num_threads(1)
+
+    def text(seed: int):
+        generator = torch.Generator().manual_seed(seed)
+        while True:
+            ids = torch.randint(0, 258, (32, 128), generator=generator)
+            yield {"input_ids": ids, "labels": ids}
+
+    config = TrainConfig(steps=steps, schedule=Schedule("constant", 4e-3, steps, 5), compile=True)
+    warm_up = TrainConfig(steps=2, schedule=Schedule("constant", 4e-3, 2, 0), compile=True)
+    models = [build_model(PRESETS["paper"], vocab_size=258, seed=seed) for seed in (0, 1)]
+    train(build_model(PRESETS["paper"], vocab_size=258, seed=0), text(0), warm_up)
+    started = time.perf_counter()
+    train(models[0], text(0), config)
+    speeds = {"alone, compiled HF model": steps * 32 * 128 / (time.perf_counter() - started)}
+    train_ensemble(StackedLlama.from_models(models[:1]), [warm_up], [text(0)])
+    for k in (1, 2):
+        started = time.perf_counter()
+        train_ensemble(StackedLlama.from_models(models[:k]), [config] * k, [text(seed) for seed in range(k)])
+        speeds[f"ensemble of {k}"] = k * steps * 32 * 128 / (time.perf_counter() - started)
+    return speeds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=100)
@@ -214,8 +242,13 @@ def main() -> None:
     print("\n5. Sensitivity draws of one checkpoint (12 draws + the model, 32,768 held-out tokens each), one thread")
     for name, speed in sensitivity.items():
         print(f"{name:<24}{speed:>12,.0f} tokens/s{speed / sensitivity['one by one']:>8.2f}")
+    pretraining = pretraining_speeds(steps=60)
+    print("\n6. Pre-training steps (32 x 128 tokens), one thread")
+    for name, speed in pretraining.items():
+        print(f"{name:<28}{speed:>12,.0f} tokens/s{speed / pretraining['alone, compiled HF model']:>8.2f}")
     print(json.dumps({"sweep_tokens_per_second": sweep, "step_tokens_per_second": steps,
-                      "peak_gib": {"1": one, "64": many}, "sensitivity_tokens_per_second": sensitivity}))
+                      "peak_gib": {"1": one, "64": many}, "sensitivity_tokens_per_second": sensitivity,
+                      "pretraining_tokens_per_second": pretraining}))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from tiny_study import tiny_study
 
 from overtrain.models.build import build_model
 from overtrain.models.checkpoints import load_checkpoint, save_checkpoint
-from overtrain.models.stacked import StackedLlama
+from overtrain.models.stacked import CPU_TOKENS_PER_PASS, CUDA_TOKENS_PER_MEMBER, StackedLlama, members_that_fit, pass_shape
 from overtrain.probes.loss import heldout_metrics, stacked_heldout_metrics
 from overtrain.spec import PRESETS, parse_spec
 from overtrain.study.ensembles import group_jobs
@@ -57,6 +57,18 @@ def test_a_members_loss_and_gradient_are_the_hf_models(byte_corpus, compile):
         torch.testing.assert_close(stacked_grads, grads, rtol=1e-4, atol=1e-7)
         for name, param in model.named_parameters():
             assert torch.equal(found[name], param.detach())
+
+
+def test_a_pass_is_shaped_for_its_device():
+    """A CPU computes one member over a cache-sized slice of the batch; CUDA every member over a
+    bounded slice (a held-out batch of 64 goes in four passes), at least one sequence either way."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert pass_shape(cpu, 15, 16, 256) == (1, CPU_TOKENS_PER_PASS // 256)
+    assert pass_shape(cpu, 15, 4, 2 * CPU_TOKENS_PER_PASS) == (1, 1)
+    assert pass_shape(cuda, 300, 16, 256) == (300, 16)
+    assert pass_shape(cuda, 300, 64, 256) == (300, CUDA_TOKENS_PER_MEMBER // 256)
+    assert pass_shape(cuda, 300, 2, 2 * CUDA_TOKENS_PER_MEMBER) == (300, 1)
+    assert members_that_fit(paper_model().config, 16, 256, cpu) > 10_000  # host memory is not the limit
 
 
 def test_members_end_where_the_same_runs_end_alone(byte_corpus):

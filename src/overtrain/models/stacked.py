@@ -35,6 +35,11 @@ IGNORE = -100  # the label of a position without loss (prompt, padding), as in t
 # ~1.2x over stacking 8 members).
 CPU_TOKENS_PER_PASS = 2048
 
+# On CUDA, a pass is every member over at most this many tokens each (and at least one sequence):
+# hundreds of members fill a device, and the activations stay bounded whatever the batch (a
+# held-out batch is often larger than a training one). `members_that_fit` sizes jobs for it.
+CUDA_TOKENS_PER_MEMBER = 4096
+
 # Sequence lengths are padded up to a multiple of this, so that a compiled forward sees few
 # shapes (a compiled graph is specialized to its shapes; one for every length would recompile).
 LENGTH_STEP = 64
@@ -87,19 +92,19 @@ def unsupported_reason(config) -> str | None:
     return ", ".join(found) or None
 
 
-def members_that_fit(config: LlamaConfig, tokens_per_step: int, device: torch.device, share: float = 0.7) -> int:
-    """How many members of this config training on `tokens_per_step` fit in `share` of the
-    device's free memory; unbounded (a large number) off CUDA, where host memory is not the
-    limit at the sizes that ensembles are for.
+def members_that_fit(config: LlamaConfig, sequences: int, length: int, device: torch.device, share: float = 0.7) -> int:
+    """How many members of this config training on batches of `sequences` x `length` tokens fit
+    in `share` of the device's free memory; unbounded (a large number) off CUDA, where host
+    memory is not the limit at the sizes that ensembles are for.
 
     Per member: weights, gradients and AdamW's two moments (4 x 4 bytes a parameter), and
-    the activations autograd keeps, about (10 d + 5 ffn) floats a token per layer plus
-    three vocabulary-sized rows a token (logits, softmax, their gradient)."""
+    the activations autograd keeps for one pass (`pass_shape`), about (10 d + 5 ffn) floats
+    a token per layer plus three vocabulary-sized rows a token (logits, softmax, their gradient)."""
     if device.type != "cuda":
         return 1 << 20
     parameters = _padded(_layout(config)[-1].end)
     per_token = config.num_hidden_layers * (10 * config.hidden_size + 5 * config.intermediate_size) + 3 * config.vocab_size
-    per_member = 16 * parameters + 4 * tokens_per_step * per_token
+    per_member = 16 * parameters + 4 * pass_shape(device, 1, sequences, length)[1] * length * per_token
     free, _ = torch.cuda.mem_get_info(device)
     return max(1, int(share * free // per_member))
 
@@ -107,12 +112,12 @@ def members_that_fit(config: LlamaConfig, tokens_per_step: int, device: torch.de
 def pass_shape(device: torch.device, members: int, sequences: int, length: int) -> tuple[int, int]:
     """How many members and sequences one forward (and backward) pass computes.
 
-    On CUDA everything at once: members fill the device (`members_that_fit` sizes them).
-    On a CPU one member and at most CPU_TOKENS_PER_PASS tokens: at this model size a CPU
-    is compute-bound already with one member, and stacking more only spills the
-    activations out of cache."""
+    On CUDA every member and at most CUDA_TOKENS_PER_MEMBER tokens of each: members fill the
+    device (`members_that_fit` sizes them). On a CPU one member and at most
+    CPU_TOKENS_PER_PASS tokens: at this model size a CPU is compute-bound already with one
+    member, and stacking more only spills the activations out of cache."""
     if device.type == "cuda":
-        return members, sequences
+        return members, max(1, min(sequences, CUDA_TOKENS_PER_MEMBER // length))
     return 1, max(1, min(sequences, CPU_TOKENS_PER_PASS // length))
 
 

@@ -108,8 +108,12 @@ def run_pretrain_ensemble(members: list[tuple[str, Cell]], ctx: StudyContext) ->
     configs = [cell.config for _, cell in members]
     per_step, train_config = _pretrain_training(configs[0])
     tokenizer = ctx.corpus.tokenizer
-    models = [_initial_model(cfg, tokenizer, ctx.device) for cfg in configs]
-    stack = StackedLlama.from_models(models, compile=configs[0]["compile"])
+    models = [_initial_model(cfg, tokenizer, torch.device("cpu")) for cfg in configs]  # stacked on the device
+    at_once = members_that_fit(models[0].config, configs[0]["batch_size"], configs[0]["seq_len"], ctx.device)
+    if len(members) > at_once:  # more runs than the device holds: in turns
+        return {key: rows for first in range(0, len(members), at_once)
+                for key, rows in run_pretrain_ensemble(members[first:first + at_once], ctx).items()}
+    stack = StackedLlama.from_models(models, device=ctx.device, compile=configs[0]["compile"])
     optimizer = EnsembleAdamW(stack, [train_config.weight_decay] * len(members), (train_config.beta1, train_config.beta2))
     start_step = 0
     sources = _resume_sources(members, ctx)
@@ -129,9 +133,15 @@ def run_pretrain_ensemble(members: list[tuple[str, Cell]], ctx: StudyContext) ->
 
     data = [ctx.corpus.train_batches(cfg["batch_size"], cfg["seq_len"], cfg["seed"], start_step) for cfg in configs]
     results = train_ensemble(stack, [train_config] * len(members), data, optimizer=optimizer, start_step=start_step,
-                             on_step_end=save, description=f"{len(members)} pre-training runs: {members[0][1].label}")
+                             on_step_end=save,
+                             description=_job_description([cell for _, cell in members], "pre-training runs"))
     return {key: _pretrain_rows(cfg, result, parameter_count(models[0]))
             for (key, _), cfg, result in zip(members, configs, results)}
+
+
+def _job_description(cells: list[Cell], many: str) -> str:
+    """The progress bar's name: the cell's label, or how many cells of what."""
+    return cells[0].label if len(cells) == 1 else f"{len(cells)} {many}"
 
 
 def _pretrain_training(cfg: dict) -> tuple[int, TrainConfig]:
@@ -302,7 +312,7 @@ def run_finetune_ensemble(members: list[tuple[str, Cell]], ctx: StudyContext) ->
 
     start_capabilities: dict[tuple, dict] = {}  # the base model's, once per (task, seed) they depend on
     rows = {}
-    at_once = members_that_fit(model.config, configs[0]["batch_size"] * configs[0]["seq_len"], ctx.device)
+    at_once = members_that_fit(model.config, configs[0]["batch_size"], configs[0]["seq_len"], ctx.device)
     for first in range(0, len(members), at_once):
         chunk, chunk_configs = members[first:first + at_once], configs[first:first + at_once]
         stack = StackedLlama.from_models([model] * len(chunk))
@@ -311,7 +321,8 @@ def run_finetune_ensemble(members: list[tuple[str, Cell]], ctx: StudyContext) ->
                                  evaluate=lambda stack, alive: stacked_finetune_metrics(
                                      stack, [chunk_configs[m]["task"] for m in alive], parts, text, ctx.corpus.byte_lengths),
                                  evaluate_every=configs[0]["eval_every"],
-                                 description=f"{len(chunk)} fine-tunes of {configs[0]['checkpoint']}")
+                                 description=_job_description([cell for _, cell in chunk],
+                                                              f"fine-tunes of {configs[0]['checkpoint']}"))
         finished = [m for m, result in enumerate(results) if not result.diverged]  # the stack's rows, in order
         for member, ((key, _), cfg, result) in enumerate(zip(chunk, chunk_configs, results)):
             capabilities = _capabilities(cfg, tasks[cfg["task"]], tokenizer)
