@@ -62,7 +62,22 @@ def test_killed_mid_pretraining_resumes_from_its_checkpoint(tmp_path, monkeypatc
     assert RunFolder(tmp_path / "run").log(key).read_text().count("== pretrain constant") == 2  # killed, then resumed
 
 
-@pytest.mark.slow
+def test_two_seeds_killed_between_their_checkpoints_resume_from_the_step_both_saved(tmp_path, monkeypatch):
+    """Two pre-training seeds as one ensemble job (steps of 128 tokens: checkpoints at steps 8
+    and 16), killed after seed 0 saved step 16 and before seed 1 did: both go back to step 8
+    and end bit for bit as uninterrupted, seed 0's step-16 checkpoint written again."""
+    study = tiny_study(tmp_path, pretrain={"schedules": ["constant"], "seeds": [0, 1]}, finetune={"lrs": [1e-3]})
+    path = write(study, tmp_path)
+    killed = run_in_subprocess(path, tmp_path / "run", fault="kill:checkpoint-saved#3")
+    assert killed.returncode == KILLED, killed.stderr[-2000:]
+    assert sorted(checkpoint_hashes(tmp_path / "run")) == ["constant-1024", "constant-1024-seed1", "constant-2048"]
+
+    reference = reference_run(study, tmp_path, monkeypatch)
+    resumed = run_in_subprocess(path, tmp_path / "run")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert set(study_status(tmp_path / "run")["status"]) == {"done"}
+    assert_same_as(tmp_path / "run", reference)
+
 def test_a_study_killed_at_every_kind_of_point_ends_as_if_never_killed(tmp_path, monkeypatch):
     study = tiny_study(tmp_path)
     path = write(study, tmp_path)
