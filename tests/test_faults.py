@@ -78,6 +78,8 @@ def test_two_seeds_killed_between_their_checkpoints_resume_from_the_step_both_sa
     assert set(study_status(tmp_path / "run")["status"]) == {"done"}
     assert_same_as(tmp_path / "run", reference)
 
+
+@pytest.mark.slow
 def test_a_study_killed_at_every_kind_of_point_ends_as_if_never_killed(tmp_path, monkeypatch):
     study = tiny_study(tmp_path)
     path = write(study, tmp_path)
