@@ -93,10 +93,10 @@ def engine_sweeps(steps: int, out: Path) -> dict[str, float]:
     return speeds
 
 
-def batches(seed: int):
+def batches(seed: int, batch: int = BATCH, length: int = SEQ_LEN):
     generator = torch.Generator().manual_seed(seed)
     while True:
-        ids = torch.randint(0, 258, (BATCH, SEQ_LEN), generator=generator)
+        ids = torch.randint(0, 258, (batch, length), generator=generator)
         yield {"input_ids": ids, "labels": ids}
 
 
@@ -187,13 +187,7 @@ def sensitivity_speeds() -> dict[str, float]:
 def pretraining_speeds(steps: int) -> dict[str, float]:
     """Tokens/s of pre-training steps (32 x 128), one thread, compiled graphs warm."""
     torch.set_num_threads(1)
-
-    def text(seed: int):
-        generator = torch.Generator().manual_seed(seed)
-        while True:
-            ids = torch.randint(0, 258, (32, 128), generator=generator)
-            yield {"input_ids": ids, "labels": ids}
-
+    text = partial(batches, batch=32, length=128)
     config = TrainConfig(steps=steps, schedule=Schedule("constant", 4e-3, steps, 5), compile=True)
     warm_up = TrainConfig(steps=2, schedule=Schedule("constant", 4e-3, 2, 0), compile=True)
     models = [build_model(PRESETS["paper"], vocab_size=258, seed=seed) for seed in (0, 1)]

@@ -197,8 +197,8 @@ def _resume_sources(members: list[tuple[str, Cell]], ctx: StudyContext) -> list[
     reached = []
     for key, cell in members:
         own = [ctx.folder.checkpoint(ref.name) for ref in cell.writes]
-        finished = [f for f in own if (f / MANIFEST).exists() and read_manifest(f).get("cell") == key]
-        reached.append({read_manifest(f)["step"]: f for f in finished})
+        manifests = {folder: read_manifest(folder) for folder in own if (folder / MANIFEST).exists()}
+        reached.append({manifest["step"]: folder for folder, manifest in manifests.items() if manifest.get("cell") == key})
     common = set.intersection(*(set(steps) for steps in reached))
     if common:
         return [steps[max(common)] for steps in reached]

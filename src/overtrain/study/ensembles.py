@@ -40,9 +40,13 @@ def default_members(device: str) -> int:
 def signature(cell: Cell) -> str | None:
     """What cells must share to train as one ensemble; None for a cell that trains alone."""
     cfg = cell.config
-    alone = {"finetune": lambda: cfg["mitigation"] or cfg["wise"] or cfg["along_update"],
-             "pretrain": lambda: cfg["sam_rho"] > 0}
-    if cell.kind not in alone or alone[cell.kind]():
+    if cell.kind == "finetune":
+        alone = cfg["mitigation"] or cfg["wise"] or cfg["along_update"]
+    elif cell.kind == "pretrain":
+        alone = cfg["sam_rho"] > 0
+    else:
+        alone = True
+    if alone:
         return None
     shared = {k: v for k, v in cfg.items() if k not in MEMBER_KEYS[cell.kind]}
     return json.dumps({"kind": cell.kind, **shared}, sort_keys=True, default=str)
